@@ -1,0 +1,36 @@
+# fmalib: `make install`, `make test`, then `make reproduce`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PARAMS ?= params/toy.yaml
+
+.PHONY: install test reproduce report lab foundation bench strip
+
+install:
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, on its own: pip takes the local CPU-usable build where one is provided.
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
+	$(PY) -m pip install -q -e ".[test]"
+	bash tools/install_detectron2.sh $(PY)
+	$(PY) -m pip install -q -e ".[crf]" || echo "note: dense CRF (pydensecrf2) did not install; CRF post-processing will be skipped"
+
+test:
+	$(PY) -m pytest -q
+
+foundation:
+	$(PY) -m fmalib foundation --params $(PARAMS)
+
+reproduce:
+	$(PY) -m fmalib reproduce --params $(PARAMS)
+
+report:
+	$(PY) -m fmalib report --params $(PARAMS)
+
+bench:
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+lab:
+	$(VENV)/bin/jupyter lab notebooks/
+
+strip:
+	$(VENV)/bin/nbstripout notebooks/*.ipynb

@@ -1,0 +1,120 @@
+"""Atomic writes and a content-addressed, resumable stage cache.
+
+A stage's cache directory is ``root/stage/<key>`` where ``key`` hashes the stage's inputs and params
+together with the code version, so changing either starts a fresh directory and never mixes results.
+Every file lands by rename, so an interrupted run leaves finished items intact and nothing half-written:
+rerunning skips what ``has()`` reports done.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import __version__
+from .errors import FmalibError
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success rename it onto ``path``, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """Compressed npz, written atomically. Bytes are deterministic for equal arrays."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return atomic_write_bytes(path, _strip_zip_times(buf.getvalue()))
+
+
+def _strip_zip_times(data: bytes) -> bytes:
+    """numpy stamps the current time into the zip entries; rewrite them with a fixed time (same seed ⇒ same bytes)."""
+    import zipfile
+
+    src = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            fixed = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+            fixed.compress_type = zipfile.ZIP_DEFLATED
+            fixed.external_attr = info.external_attr
+            dst.writestr(fixed, src.read(info.filename))
+    return out.getvalue()
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise FmalibError(f"cache file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:  # a corrupt cache file must say which file
+        raise FmalibError(f"cache file {path} is not a readable npz ({exc}); delete it to recompute") from exc
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hash of a JSON-able object (dict keys sorted; paths and numpy scalars as strings)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+class StageCache:
+    """Per-item results of one stage, keyed by (stage inputs + params + code version)."""
+
+    def __init__(self, root: str | os.PathLike, stage: str, key_obj: Any, code_version: str = __version__):
+        self.stage = stage
+        self.key = stable_hash({"key": key_obj, "code": code_version})
+        self.dir = Path(root) / stage / self.key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = self.dir / "key.json"
+        if not meta.exists():
+            atomic_write_text(meta, json.dumps({"stage": stage, "key": key_obj, "code": code_version},
+                                               sort_keys=True, indent=1, default=str))
+        log.info("stage %s caches into %s", stage, self.dir)
+
+    def path(self, item_id: str, ext: str = ".npz") -> Path:
+        return self.dir / f"{item_id}{ext}"
+
+    def has(self, item_id: str, ext: str = ".npz") -> bool:
+        return self.path(item_id, ext).is_file()
+
+    def save_npz(self, item_id: str, **arrays: np.ndarray) -> Path:
+        return atomic_save_npz(self.path(item_id), **arrays)
+
+    def load_npz(self, item_id: str) -> dict[str, np.ndarray]:
+        return load_npz(self.path(item_id))
+
+    def done_ids(self, ext: str = ".npz") -> set[str]:
+        return {p.name[: -len(ext)] for p in self.dir.glob(f"*{ext}") if not p.name.startswith(".")}

@@ -1,0 +1,171 @@
+"""Load and validate a params YAML (params/toy.yaml, voc.yaml, coco.yaml).
+
+Every params file is complete: it states every key in SCHEMA, and nothing else, so a typo or a missing
+setting is an error at load time (naming the file and the dotted key) rather than a silent default.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import FmalibError
+
+# Spec language: a type (float also accepts int), a tuple of alternatives (None = null allowed),
+# a one-element list [spec] for a list of items, or a dict for a nested mapping.
+SCHEMA: dict[str, Any] = {
+    "name": str,
+    "seed": int,
+    "device": str,
+    "workdir": str,  # caches and stage outputs, relative to the repo root unless absolute
+    "data": {
+        "kind": str,  # synthetic | voc | coco
+        "root": str,
+        "train_split": str,
+        "val_split": str,
+        "synthetic": {"n_train": int, "n_val": int, "size_min": int, "size_max": int, "seed": int},
+    },
+    "classes": {
+        "names": [str],  # foreground class names, ids 1..C in this order
+        "synonyms": [str],  # per class, comma-separated CLIP-ES style synonyms
+        "bg_words": [str],  # background prompts' words
+    },
+    "clip": {"model": str, "checkpoint": (str, None)},
+    "sam": {"model_type": str, "checkpoint": (str, None)},
+    "foundation": {"clip": dict, "sam": dict},
+    "prompts": dict,
+    "cam": dict,
+    "masks": dict,
+    "sams": dict,
+    "stage2": dict,
+}
+
+
+def repo_root() -> Path:
+    """The checkout that holds params/ (fmalib is installed editable from it)."""
+    return Path(__file__).resolve().parent.parent
+
+
+class Params(dict):
+    """A validated params mapping with attribute access (``p.data.root``)."""
+
+    path: Path | None = None
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def get_dotted(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+    def resolve_path(self, dotted: str) -> Path:
+        """A path-valued key, relative paths taken from the repo root."""
+        value = self.get_dotted(dotted)
+        if value is None:
+            raise FmalibError(f"params key {dotted} is null in {self.path}; expected a path")
+        p = Path(os.path.expanduser(str(value)))
+        return p if p.is_absolute() else repo_root() / p
+
+    def to_dict(self) -> dict:
+        return _plain(self)
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return {k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _wrap(node: Any) -> Any:
+    if isinstance(node, Mapping):
+        return Params({k: _wrap(v) for k, v in node.items()})
+    if isinstance(node, list):
+        return [_wrap(v) for v in node]
+    return node
+
+
+def _type_name(spec: Any) -> str:
+    if isinstance(spec, tuple):
+        return " or ".join("null" if s is None else _type_name(s) for s in spec)
+    if isinstance(spec, list):
+        return f"a list of {_type_name(spec[0])}"
+    if isinstance(spec, dict) or spec is dict:
+        return "a mapping"
+    return spec.__name__
+
+
+def _matches(value: Any, spec: Any) -> bool:
+    if isinstance(spec, tuple):
+        return any(value is None if s is None else _matches(value, s) for s in spec)
+    if isinstance(spec, list):
+        return isinstance(value, list) and all(_matches(v, spec[0]) for v in value)
+    if isinstance(spec, dict) or spec is dict:
+        return isinstance(value, Mapping)
+    if spec is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if spec is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, spec)
+
+
+def validate(tree: Mapping, schema: Mapping = SCHEMA, where: str = "params", prefix: str = "") -> None:
+    """Raise FmalibError for the first unknown, missing or mistyped key (dotted name + expectation)."""
+    unknown = sorted(set(tree) - set(schema))
+    if unknown:
+        raise FmalibError(f"{where}: unknown key {prefix}{unknown[0]} (allowed here: {', '.join(schema)})")
+    for key, spec in schema.items():
+        dotted = f"{prefix}{key}"
+        if key not in tree:
+            raise FmalibError(f"{where}: missing key {dotted} (expected {_type_name(spec)})")
+        value = tree[key]
+        if not _matches(value, spec):
+            raise FmalibError(f"{where}: key {dotted} is {value!r}; expected {_type_name(spec)}")
+        if isinstance(spec, dict):
+            validate(value, spec, where, dotted + ".")
+
+
+def _apply_override(tree: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise FmalibError(f"{where}: override {dotted}: {part} is not a mapping in the params")
+        node = node[part]
+    if parts[-1] not in node:
+        raise FmalibError(f"{where}: override {dotted}: no such key in the params")
+    node[parts[-1]] = value
+
+
+def load_params(source: str | os.PathLike | Mapping, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read a params YAML (or take a mapping), apply dotted overrides ({'prompts.iters': 5}), validate."""
+    if isinstance(source, Mapping):
+        tree, where, path = copy.deepcopy(dict(source)), "params", None
+    else:
+        path = Path(source)
+        if not path.is_absolute() and not path.exists():
+            path = repo_root() / path
+        where = str(path)
+        if not path.is_file():
+            raise FmalibError(f"params file {path} does not exist (expected a YAML like params/toy.yaml)")
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise FmalibError(f"params file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise FmalibError(f"params file {path} must hold a mapping at top level")
+    for dotted, value in (overrides or {}).items():
+        _apply_override(tree, dotted, value, where)
+    validate(tree, SCHEMA, where)
+    params = _wrap(tree)
+    params.path = path
+    return params
