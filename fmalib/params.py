@@ -41,6 +41,8 @@ SCHEMA: dict[str, Any] = {
     "masks": dict,
     "sams": dict,
     "stage2": dict,
+    # dotted-key overrides applied in fast mode (notebook tests, smoke runs): a tiny slice, few iterations
+    "fast": dict,
 }
 
 

@@ -1,0 +1,32 @@
+"""Numbers a notebook reports, kept as JSON beside its executed copy so the HTML report can gather them.
+
+Each notebook calls ``record(out_dir, "coarse_seed_miou", 0.61)``; ``read_results(out_dir)`` returns every
+recorded key. One file per notebook stage keeps concurrent or partial reruns from clobbering each other.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .cache import atomic_write_text
+
+
+def _results_dir(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / "results"
+
+
+def record(out_dir: str | os.PathLike, group: str, **values: Any) -> dict:
+    """Merge ``values`` into results/<group>.json (atomic); returns the group's full mapping."""
+    path = _results_dir(out_dir) / f"{group}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(values)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, default=float))
+    return data
+
+
+def read_results(out_dir: str | os.PathLike) -> dict[str, dict]:
+    """{group: {key: value}} for every results/*.json under out_dir."""
+    root = _results_dir(out_dir)
+    return {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json"))} if root.is_dir() else {}

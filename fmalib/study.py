@@ -1,0 +1,25 @@
+"""What every notebook and CLI stage calls first: load params (+ fast mode), seed, set up logging."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+from .params import Params, load_params
+from .utils import seed_everything
+
+
+def setup(params_path: str | os.PathLike, fast: bool = False, overrides: Mapping[str, Any] | None = None,
+          device: str | None = None) -> Params:
+    """Params for a run. ``fast`` applies the file's own ``fast:`` overrides (a tiny slice for tests/smoke
+    runs); explicit ``overrides`` (dotted keys) and ``device`` are applied last."""
+    merged: dict[str, Any] = {}
+    if fast:
+        merged.update(load_params(params_path).fast)
+    merged.update(overrides or {})
+    if device:
+        merged["device"] = device
+    params = load_params(params_path, merged)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    seed_everything(params.seed)
+    return params

@@ -1,0 +1,53 @@
+"""make reproduce's engine: skip unchanged notebooks, name the failing notebook and cell, keep earlier results."""
+import nbformat
+import pytest
+
+from fmalib.errors import FmalibError
+from fmalib.report import build_report, headline_table
+from fmalib.reproduce import run_notebooks
+
+
+def _write_nb(path, *sources):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('params_path = ""\nout_dir = ""\nfast = False\noverrides = {}')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(s) for s in sources]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture()
+def study(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    _write_nb(nbs / "00_a.ipynb", "from fmalib.results import record\n"
+              "record(out_dir, '04_coarse_seeds', coarse_seed_miou=0.5)\nprint('made A')")
+    _write_nb(nbs / "01_b.ipynb", "x = 1", "assert fast is False, 'fast mode reached the notebook'")
+    params = tmp_path / "p.yaml"
+    params.write_text("name: p\n")
+    return nbs, params, tmp_path / "out"
+
+
+def test_runs_then_skips_then_names_failing_cell(study):
+    nbs, params, out = study
+    paths = sorted(nbs.glob("*.ipynb"))
+    recs = run_notebooks(params, out, notebooks=paths)
+    assert [r["status"] for r in recs] == ["ran", "ran"]
+    recs = run_notebooks(params, out, notebooks=paths)
+    assert [r["status"] for r in recs] == ["cached", "cached"]
+    good_b = (out / "01_b.ipynb").read_bytes()
+    with pytest.raises(FmalibError, match=r"01_b\.ipynb failed in cell 3.*AssertionError"):
+        run_notebooks(params, out, parameters={"fast": True}, notebooks=paths)
+    assert (out / "01_b.ipynb").read_bytes() == good_b  # the earlier good copy of the failed one is intact
+    assert "made A" in (out / "00_a.ipynb").read_text()
+
+
+def test_report_has_headline_and_outputs_without_code(study):
+    nbs, params, out = study
+    run_notebooks(params, out, notebooks=sorted(nbs.glob("*.ipynb")))
+    table = headline_table(out)
+    row = table[table["result"].str.startswith("Coarse seeds")]
+    assert row["mIoU (%)"].iloc[0] == pytest.approx(50.0)
+    html = build_report(out).read_text()
+    assert "made A" in html and "Headline" in html
+    assert "record(out_dir" not in html  # code cells are hidden
