@@ -49,7 +49,10 @@ def build_report(out_dir: str | os.PathLike) -> Path:
     table = headline_table(out)
     merged = nbformat.v4.new_notebook()
     merged.cells.append(nbformat.v4.new_markdown_cell(
-        f"# FMA-WSSS study report: `{out.name}`\n\n## Headline\n\n" + table.to_html(index=False, float_format="%.1f", na_rep="not run")))
+        f"# FMA-WSSS study report: `{out.name}`\n\n## Headline\n\n"
+        + table.to_html(index=False, float_format="%.1f", na_rep="not run")
+        + "\n\n## Does the paper's ordering hold here?\n\n"
+        + ordering_check(out).to_html(index=False, float_format="%.3f", na_rep="–")))
     for path in executed:
         nb = nbformat.read(path, as_version=4)
         merged.cells.append(nbformat.v4.new_markdown_cell(f"---\n\n# {path.stem}"))
@@ -61,3 +64,28 @@ def build_report(out_dir: str | os.PathLike) -> Path:
     atomic_write_text(target, body)
     log.info("wrote %s (%d notebooks)", target, len(executed))
     return target
+
+
+# (claim, (group, key) that should be larger, (group, key) it is compared with): the paper's ordering.
+CLAIMS = [
+    ("learned cls prompts beat hand prompts (CAM seeds)", ("07_ablations", "cls_prompts_cam_miou"),
+     ("07_ablations", "hand_prompts_cam_miou")),
+    ("CAA refinement helps (CAM seeds)", ("07_ablations", "caa_cam_miou"), ("07_ablations", "no_caa_cam_miou")),
+    ("SAMS beats the CAM argmax (coarse seeds)", ("04_coarse_seeds", "coarse_seed_miou"),
+     ("04_coarse_seeds", "cam_seed_miou")),
+    ("seg prompts sharpen the seeds (fine > coarse)", ("06_fine_seeds", "fine_seed_miou"),
+     ("04_coarse_seeds", "coarse_seed_miou")),
+    ("ground truth bounds stage 2 (upper bound ≥ seeds)", ("08_stage2", "gt_val_miou"),
+     ("08_stage2", "seeds_val_miou")),
+]
+
+
+def ordering_check(out_dir: str | os.PathLike) -> pd.DataFrame:
+    """Does each ordering the paper claims hold in this run? 'not run' where a number is missing."""
+    results = read_results(out_dir)
+    rows = []
+    for claim, (g1, k1), (g2, k2) in CLAIMS:
+        a, b = results.get(g1, {}).get(k1), results.get(g2, {}).get(k2)
+        verdict = "not run" if a is None or b is None else ("holds" if a > b else "does NOT hold")
+        rows.append({"claim": claim, "larger": a, "smaller": b, "verdict": verdict})
+    return pd.DataFrame(rows)
