@@ -36,11 +36,85 @@ SCHEMA: dict[str, Any] = {
     "clip": {"model": str, "checkpoint": (str, None)},
     "sam": {"model_type": str, "checkpoint": (str, None)},
     "foundation": {"clip": dict, "sam": dict},
-    "prompts": dict,
-    "cam": dict,
-    "masks": dict,
-    "sams": dict,
-    "stage2": dict,
+    "prompts": {  # CoOp prompt learning (fmalib/prompts.py, fmalib/train.py; METHOD §2-3)
+        "n_ctx": int,
+        "hand_template": str,  # CLIP-ES baseline, e.g. "a clean origami {}."
+        "batch_size": int,
+        "momentum": float,
+        "crop_size": int,
+        "long_side": [int],  # [min, max] of the rescaled long side
+        "color_jitter": [float],  # brightness, contrast, saturation, hue
+        "flip": bool,
+        "amp": bool,  # CUDA only
+        "num_workers": int,
+        "ckpt_every": int,
+        "cls": {"iters": int, "warmup_iters": int, "warmup_lr": float, "lr": float, "weight_decay": float,
+                "init_std": float},
+        "seg": {"iters": int, "warmup_iters": int, "warmup_lr": float, "lr": float, "weight_decay": float,
+                "init_std": float},
+    },
+    "cam": {  # Grad-CAM + CAA (fmalib/cam.py; METHOD §4)
+        "target": str,  # prob | score
+        "caa_last_k": int,
+        "sinkhorn_iters": int,
+        "caa_threshold": {"hand": float, "cls": float, "seg": float},
+        "use_caa": bool,
+        "bg_thresholds": [float],  # CAM-argmax seed sweep (picked on train)
+    },
+    "masks": {  # SAM automatic masks with levels (fmalib/masks.py; METHOD §5)
+        "points_per_side": int,
+        "points_per_batch": int,
+        "pred_iou_thresh": float,
+        "stability_score_thresh": float,
+        "stability_score_offset": float,
+        "box_nms_thresh": float,
+        "crop_n_layers": int,
+        "crop_n_points_downscale_factor": int,
+        "crop_overlap_ratio": float,
+        "crop_nms_thresh": float,
+        "min_mask_region_area": int,
+        "whole_iou_bonus": float,  # + on whole masks' predicted IoU before pred_iou_thresh
+        "whole_nms_bonus": float,  # + on whole masks' NMS score
+        "overlap_thresh": float,  # part/subpart kept if max |m ∩ kept| / |m| < this
+    },
+    "sams": {  # SAMS seeding (fmalib/sams.py, fmalib/seeds.py)
+        "bg_power_coarse": (float, str),  # a number, or "auto": GT-free choice (fmalib.sams.choose_bg_power)
+        "bg_power_fine": (float, str),
+        "power_grid": [float],  # candidates for "auto" and the GT sweep of the ablation
+        "confident_hi": float,  # "auto": normalised CAM >= hi is sure foreground
+        "confident_lo": float,  # "auto": every normalised CAM <= lo is sure background
+        "power_images": int,  # "auto": train images it looks at (the first n of the split)
+        "levels": [int],  # mask levels SAMS paints (0 subpart, 1 part, 2 whole)
+    },
+    "stage2": {  # Detectron2 segmenter on the pseudo-labels (fmalib/segment; keys explained in params/toy.yaml)
+        "labels": (str, None),  # pseudo-label folder to train on; null = the fine seeds notebook 06 recorded
+        "model": str,  # semantic_fpn | deeplabv3plus
+        "backbone_depth": int,  # ResNet 18 | 34 | 50 | 101 | 152
+        "weights": (str, None),  # ImageNet backbone checkpoint, or null = random init
+        "weights_style": str,  # torchvision | msra | deeplab: input convention of those weights
+        "norm": str,  # BN | SyncBN | FrozenBN | GN
+        "freeze_at": int,
+        "fpn_channels": int,
+        "head_channels": int,
+        "loss": str,  # cross_entropy | hard_pixel_mining (DeepLab head)
+        "iters": int,
+        "batch_size": int,  # total over GPUs
+        "lr": float,
+        "lr_schedule": str,  # poly | cosine
+        "warmup_iters": int,
+        "momentum": float,
+        "weight_decay": float,
+        "crop_size": int,
+        "scale_range": [float],
+        "flip": bool,
+        "amp": bool,
+        "num_gpus": int,
+        "num_workers": int,
+        "checkpoint_period": int,
+        "log_period": int,
+        "test": {"scales": [float], "flip": bool, "crf": bool},
+        "crf": {"iters": int, "pos_xy": float, "pos_w": float, "bi_xy": float, "bi_rgb": float, "bi_w": float},
+    },
     # dotted-key overrides applied in fast mode (notebook tests, smoke runs): a tiny slice, few iterations
     "fast": dict,
 }

@@ -26,7 +26,7 @@ def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
     b = syn.write_benchmark(tmp_path / "b", 6, 4, seed=7, size_range=(112, 128))
     c = syn.write_benchmark(tmp_path / "c", 6, 4, seed=8, size_range=(112, 128))
     fa, fb, fc = _files(a), _files(b), _files(c)
-    assert len(fa) == 10 + 10 + 2 + 2  # images, labels, split lists, annotations + manifest
+    assert len(fa) == 10 + 10 + 2 + 2 + 2  # images, labels, split lists, COCO jsons, annotations + manifest
     assert fa == fb
     assert fa["JPEGImages/train_00000.png"] != fc["JPEGImages/train_00000.png"]
 
@@ -172,3 +172,9 @@ def test_refuses_to_overwrite_foreign_directory(tmp_path):
         syn.write_benchmark(tmp_path / "mine", 2, 1, seed=0)
     with pytest.raises(FmalibError, match="annotations.json"):
         syn.read_annotations(tmp_path / "mine")
+
+
+def test_parallel_writer_gives_the_same_bytes(tmp_path):
+    a = syn.write_benchmark(tmp_path / "a", 3, 2, seed=9, size_range=(112, 112), workers=1)
+    b = syn.write_benchmark(tmp_path / "b", 3, 2, seed=9, size_range=(112, 112), workers=2)
+    assert _files(a) == _files(b)

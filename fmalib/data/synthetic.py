@@ -33,7 +33,7 @@ from .labels import label_to_png_bytes
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASS_NAMES: tuple[str, ...] = ("ball", "star", "boat", "house", "car", "kite")
 STUFF_NAMES: tuple[str, ...] = ("grass", "water", "sky", "road", "sand", "wall")
 PART_NAMES: dict[str, tuple[str, ...]] = {
@@ -528,6 +528,22 @@ def _render(args) -> tuple[str, bytes, bytes, dict]:
     return image_id, _png_bytes(s.image), label_to_png_bytes(s.semantic), ann
 
 
+def coco_instances(images: dict[str, dict]) -> dict:
+    """COCO instances-format dict (images, annotations with RLE segmentation, categories 1..C)."""
+    out: dict = {"images": [], "annotations": [],
+                 "categories": [{"id": i + 1, "name": n, "supercategory": "object"} for i, n in enumerate(CLASS_NAMES)]}
+    for img_id, (image_id, ann) in enumerate(sorted(images.items()), start=1):
+        out["images"].append({"id": img_id, "file_name": f"{image_id}.png", "height": ann["size"][0],
+                              "width": ann["size"][1]})
+        for inst in ann["instances"]:
+            rle = {"size": inst["mask"]["size"], "counts": inst["mask"]["counts"].encode("ascii")}
+            out["annotations"].append({
+                "id": len(out["annotations"]) + 1, "image_id": img_id, "category_id": inst["class_id"],
+                "segmentation": inst["mask"], "area": int(mask_utils.area(rle)),
+                "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0})
+    return out
+
+
 def _manifest(n_train: int, n_val: int, seed: int, size_range) -> dict:
     return {"generator": "fmalib.data.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
             "n_train": int(n_train), "n_val": int(n_val), "size_range": [int(size_range[0]), int(size_range[1])]}
@@ -574,6 +590,10 @@ def write_benchmark(root: str | os.PathLike, n_train: int, n_val: int, seed: int
         for split, n in (("train", n_train), ("val", n_val)):
             (tmp / "ImageSets/Segmentation" / f"{split}.txt").write_text(
                 "".join(f"{iid}\n" for iid, _ in sample_ids(split, n)))
+        for split in ("train", "val"):  # the same instances in COCO format, for COCO-style tools
+            (tmp / "annotations").mkdir(exist_ok=True)
+            (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+                coco_instances({k: v for k, v in images.items() if v["split"] == split}), separators=(",", ":")))
         ann_all = {"class_names": list(CLASS_NAMES), "stuff_names": list(STUFF_NAMES),
                    "part_names": {k: list(v) for k, v in PART_NAMES.items()}, "images": images}
         (tmp / "annotations.json").write_text(json.dumps(ann_all, sort_keys=True, separators=(",", ":")))
@@ -593,15 +613,14 @@ def write_benchmark(root: str | os.PathLike, n_train: int, n_val: int, seed: int
 
 
 def _map(fn, jobs, workers: int):
+    """Results in job order; with workers > 1 from a process pool, streamed so tqdm shows progress."""
     if workers <= 1:
-        return map(fn, jobs)
+        yield from map(fn, jobs)
+        return
     import multiprocessing as mp
 
-    pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
-    try:
-        return iter(pool.map(fn, jobs, chunksize=16))
-    finally:
-        pool.close()
+    with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+        yield from pool.imap(fn, jobs, chunksize=8)
 
 
 def read_annotations(root: str | os.PathLike) -> dict:

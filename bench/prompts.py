@@ -1,0 +1,137 @@
+"""Prompt learning on the toy benchmark: do learned prompts beat hand prompts, does CAA help, do seg prompts
+beat cls prompts? And how fast does prompt training run?
+
+- classification mAP on val: cls prompts vs the hand prompts ("a clean origami {}.");
+- CAM-argmax seed mIoU (CLIP-ES protocol: bg threshold picked on train with GT, reported on val) for hand /
+  cls / seg prompts, each without and with CAA;
+- training speed (iterations/s) of the params' schedule on this machine; ``--vitb16 N`` also times N
+  iterations of ViT-B/16 (random init) at 224 px, batch 16, AMP on CUDA.
+The seg prompts are trained on CAM-argmax seeds of the cls CAMs by default (``--seeds sams`` for the
+method's SAMS coarse seeds). Numbers mean something only with the pretrained tiny CLIP (assets/tiny_clip.pt).
+    python bench/prompts.py [--params params/toy.yaml] [--fast] [--seeds cam_argmax|sams] [--vitb16 3]
+Writes reports/bench/prompts.json (reports/bench/prompts-fast.json with --fast).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+
+import numpy as np
+import torch
+
+import fmalib.study
+from fmalib.cache import atomic_write_text
+from fmalib.cam import argmax_seed_miou
+from fmalib.data import open_dataset
+from fmalib.params import repo_root
+from fmalib.prompts import build_prompts, classification_map, load_context
+from fmalib.train import (clip_key, cls_batch_loss, load_clip_from_params, seg_batch_loss, seg_training_seeds,
+                          train_prompts)
+
+log = logging.getLogger("bench.prompts")
+
+
+def vitb16_speed(stage: str, iters: int, device: str) -> dict:
+    """ViT-B/16 (random init) prompt-training iterations at 224 px, batch 16, 20 classes + 25 bg prompts."""
+    from fmalib.models.clip import load_clip
+    from fmalib.params import load_params
+
+    params = load_params("params/voc.yaml", {"clip.checkpoint": None, "device": device})
+    dev = torch.device(device)
+    model = load_clip("ViT-B-16", None, dev)
+    prompts = build_prompts(stage, model, params).to(dev)
+    opt = torch.optim.SGD(prompts.parameters(), lr=1e-3, momentum=0.9)
+    amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 224, 224, generator=g).to(dev)
+    present = torch.zeros(16, 20, dtype=torch.bool)
+    present[torch.arange(16), torch.randint(0, 20, (16,), generator=g)] = True
+    present[torch.arange(8), torch.randint(0, 20, (8,), generator=g)] = True
+    seeds = torch.randint(0, 21, (16, 224, 224), generator=g).to(dev)
+    times = []
+    for _ in range(iters + 1):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
+            loss = (cls_batch_loss(model, prompts, images, present.to(dev)) if stage == "cls" else
+                    seg_batch_loss(model, prompts, images, present.to(dev), seeds))
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {"iters_per_s": float(len(times[1:]) / sum(times[1:])), "device": device, "amp": amp, "batch": 16,
+            "size": 224, "iters_timed": iters}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params/toy.yaml")
+    ap.add_argument("--fast", action="store_true", help="the params' fast mode (a smoke run, numbers meaningless)")
+    ap.add_argument("--seeds", default="cam_argmax", choices=["cam_argmax", "sams", "auto"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vitb16", type=int, default=0, help="also time N ViT-B/16 iterations per stage")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    params = fmalib.study.setup(args.params, fast=args.fast, device=args.device)
+    ident = clip_key(params)
+    if "random_init_seed" in ident:
+        log.warning("no pretrained CLIP (%s): the quality numbers below are meaningless", params["clip"]["checkpoint"])
+    model = load_clip_from_params(params)
+    res: dict = {"params": str(args.params), "fast": args.fast, "clip": ident, "threads": args.threads,
+                 "device": params["device"], "machine": platform.machine(), "torch": torch.__version__}
+
+    t0 = time.perf_counter()
+    cls_run = train_prompts(params, "cls", model=model)
+    res["train_cls"] = {"iters": len(cls_run.losses), "iters_per_s": cls_run.iters_per_s,
+                        "loss_first10": float(np.mean(cls_run.losses[:10])),
+                        "loss_last10": float(np.mean(cls_run.losses[-10:])), "batch": params["prompts"]["batch_size"]}
+    val = open_dataset(params, params["data"]["val_split"])
+    hand = build_prompts("hand", model, params)
+    cls = load_context(build_prompts("cls", model, params), cls_run.context_path)
+    res["classification_map"] = {"hand": classification_map(model, hand, val),
+                                 "cls": classification_map(model, cls, val)}
+    res["seed_miou"] = {k: argmax_seed_miou(params, k, model=model) for k in ("hand", "cls")}
+
+    seeds_dir, seeds_desc = seg_training_seeds(params, args.seeds)
+    seg_run = train_prompts(params, "seg", seeds_dir=seeds_dir, model=model)
+    res["seg_seeds"] = seeds_desc
+    res["train_seg"] = {"iters": len(seg_run.losses), "iters_per_s": seg_run.iters_per_s,
+                        "loss_first10": float(np.mean(seg_run.losses[:10])),
+                        "loss_last10": float(np.mean(seg_run.losses[-10:])), "batch": params["prompts"]["batch_size"]}
+    res["seed_miou"]["seg"] = argmax_seed_miou(params, "seg", seeds_dir=seeds_dir, model=model)
+    if args.vitb16:
+        dev = params["device"]
+        res["vit_b16"] = {s: vitb16_speed(s, args.vitb16, dev) for s in ("cls", "seg")}
+    res["wall_s"] = time.perf_counter() - t0
+
+    sm = res["seed_miou"]
+    res["checks"] = {
+        "cls_map_gt_hand": res["classification_map"]["cls"]["map"] > res["classification_map"]["hand"]["map"],
+        "cls_seed_gt_hand": sm["cls"]["caa"]["val_miou"] > sm["hand"]["caa"]["val_miou"],
+        "caa_gt_no_caa_cls": sm["cls"]["caa"]["val_miou"] > sm["cls"]["no_caa"]["val_miou"],
+        "seg_seed_gt_cls": sm["seg"]["caa"]["val_miou"] > sm["cls"]["caa"]["val_miou"],
+    }
+    summary = {
+        "map hand / cls": (res["classification_map"]["hand"]["map"], res["classification_map"]["cls"]["map"]),
+        **{f"seed val mIoU {k} (no CAA / CAA)": (v["no_caa"]["val_miou"], v["caa"]["val_miou"]) for k, v in sm.items()},
+        "train it/s cls / seg": (res["train_cls"]["iters_per_s"], res["train_seg"]["iters_per_s"]),
+    }
+    for k, v in summary.items():
+        print(f"{k:40s} {v[0]:.4f} / {v[1]:.4f}")
+    print(json.dumps(res["checks"]))
+    out = repo_root() / "reports" / "bench" / ("prompts-fast.json" if args.fast else "prompts.json")
+    atomic_write_text(out, json.dumps(res, indent=1, default=float))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""PASCAL VOC 2012 (+ SBD train_aug) segmentation data, and anything else laid out the same way.
+
+Image-level labels are derived from the masks (ids present minus 0 and 255), which is how WSSS work on
+VOC defines them. The synthetic benchmark is written in this layout and loads unchanged (pass its
+``CLASS_NAMES``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import FmalibError
+from .labels import read_label_png
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+    "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+VOC_LAYOUT = """expected layout (VOCdevkit/VOC2012 with the SBD-augmented masks added):
+  <root>/JPEGImages/<id>.jpg                     images (.jpg or .png)
+  <root>/SegmentationClass/<id>.png              VOC 2012 masks (palette or grayscale, 255 = ignore)
+  <root>/SegmentationClassAug/<id>.png           SBD-augmented masks, needed for split train_aug only
+  <root>/ImageSets/Segmentation/train.txt        1,464 ids (VOC 2012 train)
+  <root>/ImageSets/Segmentation/train_aug.txt    10,582 ids (VOC train + SBD, minus VOC val)
+  <root>/ImageSets/Segmentation/val.txt          1,449 ids (VOC 2012 val)
+SegmentationClassAug and train_aug.txt are the usual 'SegmentationClassAug' release (e.g. the one
+DeepLab/CLIP-ES use); copy train_aug.txt into ImageSets/Segmentation/."""
+
+# split -> (id list, mask folders tried in order)
+_SPLITS = {
+    "train": ("train.txt", ("SegmentationClass",)),
+    "val": ("val.txt", ("SegmentationClass",)),
+    "train_aug": ("train_aug.txt", ("SegmentationClassAug", "SegmentationClass")),
+}
+
+
+def _layout_error(what: str) -> FmalibError:
+    return FmalibError(f"{what}\n{VOC_LAYOUT}")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of any PIL-readable image file."""
+    with Image.open(path) as img:
+        return np.array(img.convert("RGB"))
+
+
+class VOCDataset:
+    """One split of a VOC-layout dataset: ``ds[i] -> {id, image, labels, gt}``.
+
+    ``train`` and ``val`` read ``SegmentationClass``; ``train_aug`` reads ``SegmentationClassAug``
+    (falling back to ``SegmentationClass`` for an id missing there). ``labels`` are the foreground ids
+    1..C present in the mask.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, class_names: Sequence[str] = VOC_CLASSES):
+        self.root = Path(root)
+        self.split = split
+        self.class_names = tuple(class_names)
+        if split not in _SPLITS:
+            raise FmalibError(f"VOC split {split!r} unknown; expected one of {sorted(_SPLITS)}")
+        list_name, self._mask_dirs = _SPLITS[split]
+        if not self.root.is_dir():
+            raise _layout_error(f"VOC root {self.root} does not exist")
+        if not (self.root / "JPEGImages").is_dir():
+            raise _layout_error(f"{self.root / 'JPEGImages'} does not exist")
+        list_path = self.root / "ImageSets" / "Segmentation" / list_name
+        if not list_path.is_file():
+            raise _layout_error(f"split list {list_path} does not exist (split {split!r})")
+        if not any((self.root / d).is_dir() for d in self._mask_dirs):
+            raise _layout_error(f"none of the mask folders {[str(self.root / d) for d in self._mask_dirs]} exists")
+        self.ids = [line.split()[0] for line in list_path.read_text().splitlines() if line.strip()]
+        self._labels: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, i: int) -> Path:
+        stem = self.root / "JPEGImages" / self.ids[i]
+        for ext in (".jpg", ".png", ".jpeg", ".JPG", ".PNG"):
+            if stem.with_suffix(ext).is_file():
+                return stem.with_suffix(ext)
+        raise _layout_error(f"image {stem}.jpg (or .png) not found for id {self.ids[i]!r} of split {self.split!r}")
+
+    def gt_path(self, i: int) -> Path:
+        for d in self._mask_dirs:
+            p = self.root / d / f"{self.ids[i]}.png"
+            if p.is_file():
+                return p
+        raise _layout_error(f"mask {self.root / self._mask_dirs[0] / (self.ids[i] + '.png')} not found "
+                            f"for id {self.ids[i]!r} of split {self.split!r}")
+
+    def load_image(self, i: int) -> np.ndarray:
+        return read_image(self.image_path(i))
+
+    def load_gt(self, i: int) -> np.ndarray:
+        gt = read_label_png(self.gt_path(i))
+        top = int(gt[gt != 255].max(initial=0))
+        if top > len(self.class_names):
+            raise FmalibError(f"mask {self.gt_path(i)} holds class id {top} but only {len(self.class_names)} "
+                              f"foreground classes were given ({self.class_names[:3]}...)")
+        return gt
+
+    def image_labels(self, i: int, gt: np.ndarray | None = None) -> np.ndarray:
+        """Foreground ids present in the mask (cached; reads only the mask)."""
+        if i not in self._labels:
+            gt = self.load_gt(i) if gt is None else gt
+            u = np.unique(gt)
+            self._labels[i] = u[(u != 0) & (u != 255)].astype(np.int64)
+        return self._labels[i]
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i = i % len(self)
+        image, gt = self.load_image(i), self.load_gt(i)
+        if image.shape[:2] != gt.shape:
+            raise FmalibError(f"image {self.image_path(i)} is {image.shape[:2]} but its mask {self.gt_path(i)} "
+                              f"is {gt.shape}; expected equal sizes")
+        return {"id": self.ids[i], "image": image, "labels": self.image_labels(i, gt), "gt": gt}
+
+    def __repr__(self) -> str:
+        return f"VOCDataset({str(self.root)!r}, {self.split!r}, {len(self)} images, {len(self.class_names)} classes)"

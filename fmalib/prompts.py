@@ -1,0 +1,222 @@
+"""CoOp prompt learners on a frozen CLIP (METHOD §2) and the CLIP-ES hand-prompt baseline.
+
+Every prompt set is K = C foreground + N background prompts whose text features come from the CLIP text
+tower run on token *embeddings*; some token positions hold learnable context vectors:
+
+- ``ClsPromptLearner``: one context of M vectors shared by every prompt, class name last:
+  "[SOS] ctx_1 … ctx_M <name>. [EOS]" (fg synonyms and bg words alike); init N(0, 0.015²).
+- ``SegPromptLearner``: a context per prompt, class name first: "[SOS] <name> ctx_1 … ctx_M. [EOS]";
+  the N background prompts carry no word, only their own context; init N(0, 0.0125²).
+- ``HandPrompts``: no context, "a clean origami {}." — the same code path with nothing to learn.
+
+CLIP is held by reference, not registered as a submodule, so ``parameters()`` and ``state_dict()`` hold the
+contexts only; the frozen token embeddings are non-persistent buffers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import atomic_path
+from .errors import FmalibError
+from .models import clip as C
+
+log = logging.getLogger(__name__)
+
+HAND_TEMPLATE = "a clean origami {}."
+KINDS = ("hand", "cls", "seg")
+CTX = object()  # placeholder segment: the M context vectors go here
+_PLACEHOLDER = "X"
+
+
+def _token_count(tokenizer: Callable, text: str) -> int:
+    """Number of BPE tokens of ``text`` (without SOS/EOS)."""
+    if not text:
+        return 0
+    return int(tokenizer([text])[0].argmax()) - 1  # EOS has the largest id
+
+
+class PromptSet(nn.Module):
+    """K prompts built from segments (strings and ``CTX``); ``forward()`` -> (K, D) L2-normalised features.
+
+    ``segments[k]`` lists prompt k's pieces, e.g. ``[CTX, "boat."]``; ``groups[k]`` is the index of the
+    context that fills prompt k's ``CTX`` (None: the prompt has no context). Contexts are ``self.ctx``
+    (G, M, W), or absent when no prompt has one.
+    """
+
+    def __init__(self, model, tokenizer: Callable, segments: Sequence[Sequence], groups: Sequence[int | None],
+                 n_fg: int, n_ctx: int, init_std: float, seed: int = 0):
+        super().__init__()
+        object.__setattr__(self, "clip", model)  # held, not registered: not trained, not saved
+        if len(segments) != len(groups) or not 0 <= n_fg <= len(segments):
+            raise FmalibError("PromptSet: segments/groups lengths differ or n_fg out of range")
+        self.n_fg, self.n_bg, self.n_ctx = int(n_fg), len(segments) - int(n_fg), int(n_ctx)
+        texts, rows, cols = [], [], []
+        for k, segs in enumerate(segments):
+            words, start = [], None
+            for s in segs:
+                if s is CTX:
+                    start = 1 + _token_count(tokenizer, " ".join(words))
+                    words.extend([_PLACEHOLDER] * self.n_ctx)
+                else:
+                    words.append(str(s))
+            texts.append(" ".join(words))
+            if (start is None) != (groups[k] is None):
+                raise FmalibError(f"prompt {k} ({texts[-1]!r}): a context slot needs a context group and vice versa")
+            if start is not None:
+                rows += [k] * self.n_ctx
+                cols += list(range(start, start + self.n_ctx))
+        tokens = tokenizer(texts)
+        eot = tokens.argmax(dim=-1)
+        length = int(eot.max()) + 1
+        max_len = int(model.positional_embedding.shape[0])
+        if length > max_len or (tokens[:, -1] != 0).any():
+            raise FmalibError(f"a prompt is {length} tokens long; the CLIP text context holds {max_len} "
+                              f"(shorten the synonyms or n_ctx={self.n_ctx})")
+        tokens = tokens[:, :length]  # causal text tower: tokens after EOS never reach it
+        rows_t, cols_t = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+        ph = int(tokenizer([_PLACEHOLDER])[0, 1])
+        if len(rows) and not bool((tokens[rows_t, cols_t] == ph).all()):
+            raise FmalibError("context slots do not line up with the placeholder tokens (a class name that "
+                              "tokenises differently alone and in context?)")
+        device = model.positional_embedding.device
+        with torch.no_grad():
+            base = C.token_embedding(model, tokens.to(device)).detach()
+        self.register_buffer("base", base, persistent=False)
+        self.register_buffer("eot", eot.to(device), persistent=False)
+        self.register_buffer("rows", rows_t.to(device), persistent=False)
+        self.register_buffer("cols", cols_t.to(device), persistent=False)
+        used = sorted({g for g in groups if g is not None})
+        if used and used != list(range(len(used))):
+            raise FmalibError(f"context groups must be 0..G-1; got {used}")
+        self.register_buffer("slot_group", torch.tensor([g for g in groups if g is not None], dtype=torch.long,
+                                                        device=device).repeat_interleave(self.n_ctx), persistent=False)
+        if used:
+            gen = torch.Generator().manual_seed(int(seed))
+            width = base.shape[-1]
+            self.ctx = nn.Parameter(torch.randn(len(used), self.n_ctx, width, generator=gen).mul_(init_std).to(device))
+        else:
+            self.register_parameter("ctx", None)
+        self.texts = texts
+
+    def embeddings(self) -> torch.Tensor:
+        """(K, L, W) prompt embeddings: frozen token embeddings with the contexts in their slots."""
+        if self.ctx is None:
+            return self.base
+        m = self.n_ctx
+        slot = torch.arange(len(self.rows), device=self.rows.device) % m
+        vals = self.ctx[self.slot_group, slot].to(self.base.dtype)
+        return self.base.index_put((self.rows, self.cols), vals)
+
+    def forward(self) -> torch.Tensor:
+        feats = C.encode_text_embeddings(self.clip, self.embeddings(), self.eot)
+        return F.normalize(feats.float(), dim=-1)
+
+    def context_state(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.state_dict().items()}
+
+
+class ClsPromptLearner(PromptSet):
+    """One shared context, class name last; bg prompts are the bg words with the same context."""
+
+    def __init__(self, model, tokenizer: Callable, class_names: Sequence[str], bg_words: Sequence[str],
+                 n_ctx: int = 16, init_std: float = 0.015, seed: int = 0):
+        names = list(class_names) + list(bg_words)
+        super().__init__(model, tokenizer, [[CTX, f"{n}."] for n in names], [0] * len(names),
+                         len(class_names), n_ctx, init_std, seed)
+
+
+class SegPromptLearner(PromptSet):
+    """Class-specific contexts, class name first; ``n_bg`` context-only background prompts."""
+
+    def __init__(self, model, tokenizer: Callable, class_names: Sequence[str], n_bg: int,
+                 n_ctx: int = 16, init_std: float = 0.0125, seed: int = 0):
+        segs = [[f"{n}", CTX, "."] for n in class_names] + [[CTX, "."] for _ in range(int(n_bg))]
+        super().__init__(model, tokenizer, segs, list(range(len(segs))), len(class_names), n_ctx, init_std, seed)
+
+
+class HandPrompts(PromptSet):
+    """CLIP-ES baseline: ``template.format(word)`` for the synonyms and the bg words; nothing to learn."""
+
+    def __init__(self, model, tokenizer: Callable, class_names: Sequence[str], bg_words: Sequence[str],
+                 template: str = HAND_TEMPLATE):
+        names = list(class_names) + list(bg_words)
+        super().__init__(model, tokenizer, [[template.format(n)] for n in names], [None] * len(names),
+                         len(class_names), 0, 0.0)
+
+
+def build_prompts(kind: str, model, params, seed: int | None = None) -> PromptSet:
+    """The prompt set ``kind`` (hand | cls | seg) for ``params.classes`` and ``params.prompts``."""
+    if kind not in KINDS:
+        raise FmalibError(f"prompt kind {kind!r}; expected one of {KINDS}")
+    cls_cfg, pr = params["classes"], params["prompts"]
+    names, bg = list(cls_cfg["synonyms"]), list(cls_cfg["bg_words"])
+    if len(names) != len(cls_cfg["names"]):
+        raise FmalibError(f"params classes.synonyms has {len(names)} entries, classes.names "
+                          f"{len(cls_cfg['names'])} ({getattr(params, 'path', None)}): one synonym string per class")
+    tok = C.get_tokenizer(params["clip"]["model"])
+    seed = int(params["seed"] if seed is None else seed)
+    if kind == "hand":
+        return HandPrompts(model, tok, names, bg, pr["hand_template"])
+    if kind == "cls":
+        return ClsPromptLearner(model, tok, names, bg, pr["n_ctx"], pr["cls"]["init_std"], seed)
+    return SegPromptLearner(model, tok, names, len(bg), pr["n_ctx"], pr["seg"]["init_std"], seed)
+
+
+def save_context(prompts: PromptSet, path: str | os.PathLike, **meta) -> Path:
+    """Contexts only (+ small metadata), written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"state": prompts.context_state(), "texts": prompts.texts, **meta}, tmp)
+    return Path(path)
+
+
+def load_context(prompts: PromptSet, path: str | os.PathLike) -> PromptSet:
+    """Load contexts saved by ``save_context`` (or a training checkpoint) into ``prompts``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FmalibError(f"prompt context file {path} does not exist (train the prompts first: "
+                          f"fmalib.train.train_prompts)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob.get("state") if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise FmalibError(f"prompt context file {path} has no 'state' mapping of context tensors")
+    own = prompts.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        want = {k: tuple(v.shape) for k, v in own.items()}
+        raise FmalibError(f"prompt context file {path} holds {got}; these prompts expect {want} "
+                          f"(another prompt kind, class list or n_ctx?)")
+    prompts.load_state_dict(state)
+    return prompts
+
+
+@torch.no_grad()
+def classification_map(model, prompts: PromptSet, dataset, limit: int | None = None, progress: bool = True) -> dict:
+    """Multi-label classification AP of S_k = cos(image, fg prompt k) over a split (METHOD §1 image embedding).
+
+    {"map": mean over classes with a positive, "ap": {class name: AP}, "n_images": n}.
+    """
+    from tqdm.auto import tqdm
+
+    from .pretrain.clip_quality import average_precision, multi_hot, to_input
+
+    text = prompts()[: prompts.n_fg]
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    scores, labels = [], []
+    for j in tqdm(range(n), desc="classification AP", disable=not progress, leave=False):
+        item = dataset[j]
+        emb = F.normalize(C.encode_image_tokens(model, to_input(model, item["image"])).image_embed.float(), dim=-1)
+        scores.append((emb @ text.T)[0].cpu().numpy())
+        labels.append(item["labels"])
+    scores = np.stack(scores)
+    y = multi_hot(labels, prompts.n_fg)
+    ap = [average_precision(scores[:, k], y[:, k]) for k in range(prompts.n_fg)]
+    names = list(getattr(dataset, "class_names", range(1, prompts.n_fg + 1)))
+    return {"map": float(np.nanmean(ap)), "ap": dict(zip(names, ap)), "n_images": n}

@@ -1,0 +1,219 @@
+"""SAMS seeds of a split: cached SAM masks + CAMs of any method -> a folder of palette-PNG pseudo-labels.
+
+``make_seeds(params, split, cam_source, stage)`` is the stage behind notebooks 04 (coarse seeds, from the
+cls-prompt CAMs; they train the seg prompts) and 06 (fine seeds, from the seg-prompt CAMs; they train
+stage 2). ``cam_source`` is a CAM ``StageCache`` of ``fmalib.cam`` (its CAA-refined maps when
+``params.cam.use_caa``) or any callable ``image_id -> (cams (K, h, w), labels (K,))`` — CAMs of another
+method, on any grid (see ``fmalib.sams``). The background power is ``params.sams.bg_power_<stage>``: a
+number, or ``auto`` = ``fmalib.sams.choose_bg_power`` on the first ``params.sams.power_images`` images of
+the split (no ground truth). Output: ``workdir/seeds_<stage>/<key>/<image id>.png`` + ``meta.json``
+(p, its criterion table, fallback count), keyed by masks, CAMs, sams params and p; resumable, shardable.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .cache import StageCache, atomic_write_text
+from .data.labels import read_label_png, write_label_png
+from .errors import FmalibError
+from .masks import MaskSet, load_masks, mask_cache, shard_indices
+from .metrics import ConfusionMeter
+from .sams import SamsImage, bg_power_sweep, choose_bg_power, sams_assign, sams_prepare
+
+log = logging.getLogger(__name__)
+
+STAGES = ("coarse", "fine")
+CamLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+
+def cam_loader(cam_source, caa: bool = True) -> tuple[CamLoader, Any]:
+    """(image_id -> (cams, labels), a JSON-able identity of the source for cache keys)."""
+    if isinstance(cam_source, StageCache):
+        from .cam import load_cams
+
+        return (lambda image_id: load_cams(cam_source, image_id, caa)), \
+            {"stage": cam_source.stage, "key": cam_source.key, "caa": caa}
+    if callable(cam_source):
+        ident = getattr(cam_source, "cache_key", None) or getattr(cam_source, "__qualname__", repr(cam_source))
+        return cam_source, {"callable": ident}
+    raise FmalibError(f"cam_source must be a CAM StageCache (fmalib.cam.run_cam_stage) or a callable "
+                      f"image_id -> (cams, labels); got {type(cam_source).__name__}")
+
+
+def select_levels(masks: MaskSet, levels: Sequence[int]) -> MaskSet:
+    """The masks of the given levels (params.sams.levels; an ablation drops some)."""
+    return masks.select(np.isin(masks.levels, np.asarray(levels)))
+
+
+def prepare(masks: MaskSet, cams: np.ndarray, labels: np.ndarray, levels: Sequence[int],
+            confident: tuple[float, float] | None = None) -> SamsImage:
+    """One image's ``SamsImage`` from its cached masks and CAMs."""
+    masks = select_levels(masks, levels)
+    return sams_prepare(cams, masks.runs(), masks.levels, labels, (masks.height, masks.width), confident)
+
+
+def resolve_bg_power(params, stage: str, dataset, masks_cache: StageCache, load_cam: CamLoader,
+                     bg_power: float | str | None = None):
+    """(p, criterion table or None): an explicit number, or params.sams.bg_power_<stage>; ``auto`` picks p
+    by ``fmalib.sams.choose_bg_power`` over the first ``params.sams.power_images`` images of the split."""
+    cfg = params["sams"]
+    value = cfg[f"bg_power_{stage}"] if bg_power is None else bg_power
+    if not isinstance(value, str):
+        return float(value), None
+    if value != "auto":
+        raise FmalibError(f"params sams.bg_power_{stage}={value!r}: expected a number or 'auto'")
+    n = min(int(cfg["power_images"]), len(dataset))
+    images = []
+    for j in tqdm(range(n), desc=f"bg power ({stage})", leave=False):
+        image_id = dataset.ids[j]
+        cams, labels = load_cam(image_id)
+        images.append(prepare(load_masks(masks_cache, image_id), cams, labels, cfg["levels"],
+                              (cfg["confident_hi"], cfg["confident_lo"])))
+    p, table = choose_bg_power(images, cfg["power_grid"])
+    log.info("SAMS %s: bg power %.3g chosen without ground truth on %d images (balanced agreement %.3f)",
+             stage, p, n, float(table["balanced_agreement"].max()))
+    return p, table
+
+
+@dataclass
+class SeedSet:
+    """A folder of seed PNGs and how it was made."""
+
+    dir: Path
+    stage: str
+    bg_power: float
+    power_table: Any = None  # DataFrame of choose_bg_power, or None for a fixed p
+    stats: collections.Counter = field(default_factory=collections.Counter)
+
+    def path(self, image_id: str) -> Path:
+        return self.dir / f"{image_id}.png"
+
+
+def seed_cache(params, split: str, stage: str, masks_cache: StageCache, cam_ident, bg_power: float) -> StageCache:
+    key = {"split": split, "masks": masks_cache.key, "cams": cam_ident, "sams": dict(params["sams"]),
+           "bg_power": float(bg_power)}
+    return StageCache(params.resolve_path("workdir"), f"seeds_{stage}", key)
+
+
+def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tuple[int, int] = (0, 1),
+               bg_power: float | str | None = None, force: bool = False) -> SeedSet:
+    """SAMS seeds of every image of ``split`` (or of one shard) as palette PNGs; resumable.
+
+    Needs the split's masks cached (``fmalib.masks.run_mask_stage``) and CAMs for every image."""
+    from .data import open_dataset
+
+    if stage not in STAGES:
+        raise FmalibError(f"make_seeds: stage {stage!r}; expected one of {STAGES}")
+    dataset = open_dataset(params, split)
+    masks_cache = mask_cache(params, split)
+    missing = [i for i in dataset.ids if not masks_cache.has(i)]
+    if missing:
+        raise FmalibError(f"SAM masks of {len(missing)} / {len(dataset)} {split} images are not cached in "
+                          f"{masks_cache.dir} (first: {missing[0]!r}); run fmalib.masks.run_mask_stage first")
+    load_cam, cam_ident = cam_loader(cam_source, bool(params["cam"].get("use_caa", True)))
+    p, table = resolve_bg_power(params, stage, dataset, masks_cache, load_cam, bg_power)
+    cache = seed_cache(params, split, stage, masks_cache, cam_ident, p)
+    result = SeedSet(cache.dir, stage, p, table)
+    todo = [j for j in shard_indices(len(dataset), shard) if force or not cache.has(dataset.ids[j], ".png")]
+    log.info("SAMS %s seeds of %s shard %d/%d (p=%.3g): %d to write -> %s", stage, split, shard[0], shard[1], p,
+             len(todo), cache.dir)
+    levels = params["sams"]["levels"]
+    for j in tqdm(todo, desc=f"SAMS {stage} seeds"):
+        image_id = dataset.ids[j]
+        cams, labels = load_cam(image_id)
+        label, _ = sams_assign(prepare(load_masks(masks_cache, image_id), cams, labels, levels), p, result.stats)
+        write_label_png(cache.path(image_id, ".png"), label)
+    meta_path = cache.dir / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"fallback_images": 0}
+    meta.update({"stage": stage, "split": split, "bg_power": p,
+                 "bg_power_rule": "fixed" if table is None else "auto: fmalib.sams.choose_bg_power",
+                 "power_table": None if table is None else table.to_dict("list"),
+                 "fallback_images": meta["fallback_images"] + result.stats["fallback"]})
+    atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True))
+    if result.stats["fallback"]:
+        log.warning("SAMS %s: %d images had no SAM mask and fell back to the CAM argmax", stage,
+                    result.stats["fallback"])
+    return result
+
+
+def evaluate_seeds(dataset, seed_dir: str | Path, limit: int | None = None) -> np.ndarray:
+    """Confusion matrix (K + 1, K + 1) of the seed PNGs against the split's ground truth."""
+    seed_dir = Path(seed_dir)
+    meter = ConfusionMeter(len(dataset.class_names) + 1)
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for j in tqdm(range(n), desc="seeds vs GT", leave=False):
+        path = seed_dir / f"{dataset.ids[j]}.png"
+        if not path.is_file():
+            raise FmalibError(f"seed map {path} missing for image {dataset.ids[j]!r}")
+        meter.add(read_label_png(path), dataset.load_gt(j))
+    return meter.matrix
+
+
+def seed_power_sweep(params, split: str, cam_source, powers: Sequence[float] | None = None,
+                     limit: int | None = None):
+    """Seed mIoU against ground truth for every p (the ablation; ``make_seeds`` never uses it)."""
+    from .data import open_dataset
+
+    dataset = open_dataset(params, split)
+    masks_cache = mask_cache(params, split)
+    load_cam, _ = cam_loader(cam_source, bool(params["cam"].get("use_caa", True)))
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    images, gts = [], []
+    for j in tqdm(range(n), desc="bg power sweep (GT)", leave=False):
+        cams, labels = load_cam(dataset.ids[j])
+        images.append(prepare(load_masks(masks_cache, dataset.ids[j]), cams, labels, params["sams"]["levels"]))
+        gts.append(dataset.load_gt(j))
+    return bg_power_sweep(images, gts, powers or params["sams"]["power_grid"], len(dataset.class_names) + 1)
+
+
+def pipeline_seeds(params, stage: str, split: str | None = None, seeds_dir: str | Path | None = None) -> SeedSet:
+    """The method's seeds (METHOD §5): ``coarse`` = SAMS on the cls-prompt CAMs; ``fine`` = SAMS on the
+    seg-prompt CAMs, the seg prompts trained on ``seeds_dir`` (default: the coarse seeds). Runs (or reuses
+    from the caches) the mask stage, the CAM stage and the seeds; the prompts must be trained already
+    (notebooks 03 and 05, ``fmalib.train.train_prompts``)."""
+    from .cam import run_cam_stage
+    from .masks import run_mask_stage
+
+    split = split or params["data"]["train_split"]
+    run_mask_stage(params, split)
+    if stage == "coarse":
+        cams = run_cam_stage(params, split, "cls")
+    elif stage == "fine":
+        seeds_dir = seeds_dir or pipeline_seeds(params, "coarse", split).dir
+        cams = run_cam_stage(params, split, "seg", seeds_dir=seeds_dir)
+    else:
+        raise FmalibError(f"pipeline_seeds: stage {stage!r}; expected one of {STAGES}")
+    return make_seeds(params, split, cams, stage)
+
+
+def seed_panels(item: dict, cams: np.ndarray, labels: np.ndarray, seeds: dict[str, np.ndarray]):
+    """(images, titles) for a figure row: image, GT, the CAMs' max as a heat map, then each seed overlay."""
+    from .sams import upsample_cams
+    from .viz import heatmap, overlay
+
+    image = item["image"]
+    heat = upsample_cams(cams, image.shape[:2]).max(axis=0) if len(labels) else np.zeros(image.shape[:2])
+    images = [image, overlay(image, item["gt"]), heatmap(image, heat / max(float(heat.max()), 1e-6))]
+    images += [overlay(image, s) for s in seeds.values()]
+    return images, ["image", "ground truth", "CAM (max over classes)", *seeds]
+
+
+def cam_argmax_seed_dir(params, split: str, cams: StageCache, thresholds: Sequence[float] | None = None):
+    """The CLIP-ES baseline on the same CAMs: argmax(bg threshold, CAMs) seeds with the threshold tuned on
+    ground truth (the baseline's own protocol, so the comparison favours it). Returns (dir, t, {t: mIoU})."""
+    from .cam import select_bg_threshold, write_cam_argmax_seeds
+    from .data import open_dataset
+
+    dataset = open_dataset(params, split)
+    caa = bool(params["cam"].get("use_caa", True))
+    t, table = select_bg_threshold(cams, dataset, thresholds or params["cam"]["bg_thresholds"], caa)
+    out = params.resolve_path("workdir") / "seeds_cam_argmax" / f"{cams.stage}-{cams.key}-caa{int(caa)}-bg{t:.3f}"
+    return write_cam_argmax_seeds(cams, dataset, t, out, caa), t, table

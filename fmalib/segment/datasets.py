@@ -1,0 +1,173 @@
+"""Stage-2 data for Detectron2: pseudo-label and ground-truth sets as registered datasets, and the mapper.
+
+A registered set is a list of records ``{file_name, sem_seg_file_name, image_id}`` in
+``DatasetCatalog`` plus ``MetadataCatalog`` entries (``stuff_classes`` with background first,
+``stuff_colors`` from the VOC palette, ``ignore_label=255``, ``evaluator_type="sem_seg"``), which is what
+Detectron2's ``SemSegEvaluator`` reads. Labels are palette PNGs of class ids; fmalib reads them itself,
+because Detectron2's ``DatasetMapper`` converts label PNGs to luminance ("L"), which turns palette indices
+into colour brightness.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..cache import stable_hash
+from ..data.labels import VOC_PALETTE, read_label_png, write_label_png
+from ..data.voc import read_image
+from ..errors import FmalibError
+from .compat import ensure_detectron2
+
+log = logging.getLogger(__name__)
+
+IGNORE = 255
+
+
+def class_names_with_background(params) -> list[str]:
+    return ["background", *params["classes"]["names"]]
+
+
+def semseg_records(image_paths: Sequence[Path], label_paths: Sequence[Path], ids: Sequence[str]) -> list[dict]:
+    """Detectron2 records for images and their label PNGs (every label file must exist)."""
+    missing = [str(p) for p in label_paths if not Path(p).is_file()]
+    if missing:
+        raise FmalibError(f"{len(missing)} of {len(label_paths)} label PNGs are missing, e.g. {missing[0]} "
+                          f"(expected one palette PNG of class ids per image id)")
+    return [{"file_name": str(img), "sem_seg_file_name": str(lab), "image_id": i}
+            for img, lab, i in zip(image_paths, label_paths, ids)]
+
+
+def register_semseg(name: str, records: list[dict], class_names: Sequence[str], **extra_metadata) -> str:
+    """Register ``records`` under ``name`` (replacing an earlier registration of that name); returns name."""
+    ensure_detectron2()
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    frozen = copy.deepcopy(records)
+    DatasetCatalog.register(name, lambda: copy.deepcopy(frozen))
+    palette = np.array(VOC_PALETTE, dtype=np.uint8).reshape(256, 3)
+    MetadataCatalog.get(name).set(
+        stuff_classes=list(class_names),
+        stuff_colors=[tuple(int(c) for c in palette[k]) for k in range(len(class_names))],
+        ignore_label=IGNORE,
+        evaluator_type="sem_seg",
+        **extra_metadata,
+    )
+    return name
+
+
+def _gt_label_paths(params, ds, split: str) -> list[Path]:
+    """The ground-truth PNG of every image; datasets without PNGs (COCO) get theirs rendered once."""
+    if hasattr(ds, "gt_path"):
+        return [ds.gt_path(i) for i in range(len(ds))]
+    out = params.resolve_path("workdir") / "stage2" / "gt_png" / f"{params['data']['kind']}_{split}"
+    paths = [out / f"{i}.png" for i in ds.ids]
+    todo = [k for k, p in enumerate(paths) if not p.is_file()]
+    if todo:
+        log.info("rendering %d ground-truth PNGs of %s into %s", len(todo), split, out)
+        for k in tqdm(todo, desc=f"gt PNGs {split}"):
+            write_label_png(paths[k], ds.load_gt(k))
+    return paths
+
+
+def register_gt(params, split: str | None = None) -> str:
+    """Register the ground-truth set of ``split`` (default: the val split); returns the dataset name."""
+    from ..data import open_dataset
+
+    split = split or params["data"]["val_split"]
+    ds = open_dataset(params, split)
+    records = semseg_records([ds.image_path(i) for i in range(len(ds))], _gt_label_paths(params, ds, split), ds.ids)
+    return register_semseg(f"fmalib_{params['name']}_{split}_gt", records, class_names_with_background(params),
+                           label_dir="ground truth")
+
+
+def register_pseudo(params, label_dir: str | os.PathLike, split: str | None = None) -> str:
+    """Register ``label_dir/<id>.png`` for every image of ``split`` (default: train); returns the name."""
+    from ..data import open_dataset
+
+    label_dir = Path(label_dir).resolve()
+    if not label_dir.is_dir():
+        raise FmalibError(f"pseudo-label folder {label_dir} does not exist (expected <id>.png per training image)")
+    split = split or params["data"]["train_split"]
+    ds = open_dataset(params, split)
+    records = semseg_records([ds.image_path(i) for i in range(len(ds))],
+                             [label_dir / f"{i}.png" for i in ds.ids], ds.ids)
+    name = f"fmalib_{params['name']}_{split}_labels_{stable_hash(str(label_dir), 8)}"
+    return register_semseg(name, records, class_names_with_background(params), label_dir=str(label_dir))
+
+
+def _randint(rand, n: int) -> int:
+    """Uniform integer in [0, n) from either NumPy RNG API (module, RandomState or Generator)."""
+    return min(int(rand.uniform() * n), n - 1)
+
+
+def random_scale_crop_flip(image: np.ndarray, label: np.ndarray, scale_range: Sequence[float], crop: int,
+                           flip: bool, rng=None) -> tuple[np.ndarray, np.ndarray]:
+    """Training augmentation: rescale by s ~ U(scale_range), pad to ``crop`` (image 0, label 255 = ignore),
+    random ``crop`` x ``crop`` window, horizontal flip with p = 0.5. Labels follow the image exactly.
+    ``rng`` defaults to NumPy's global RNG, which Detectron2 seeds per data-loader worker."""
+    rand = np.random if rng is None else rng
+    h, w = label.shape
+    s = float(rand.uniform(*scale_range))
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+        label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
+    ph, pw = max(crop - nh, 0), max(crop - nw, 0)
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
+        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
+    y, x = _randint(rand, label.shape[0] - crop + 1), _randint(rand, label.shape[1] - crop + 1)
+    image, label = image[y:y + crop, x:x + crop], label[y:y + crop, x:x + crop]
+    if flip and rand.uniform() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+class SemSegMapper:
+    """Record -> model input ``{image (3,H,W) uint8 in the model's channel order, height, width[, sem_seg]}``.
+
+    Training (``is_train``): reads the label PNG and applies :func:`random_scale_crop_flip` (NumPy's global
+    RNG, which Detectron2 seeds per data-loader worker). Testing: the image at its own size; evaluation
+    reads the labels from the files itself.
+    """
+
+    def __init__(self, is_train: bool, input_format: str = "RGB", scale_range: Sequence[float] = (1.0, 1.0),
+                 crop: int = 0, flip: bool = False):
+        self.is_train = is_train
+        self.input_format = input_format
+        self.scale_range = tuple(scale_range)
+        self.crop = crop
+        self.flip = flip
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool) -> "SemSegMapper":
+        f = cfg.FMALIB
+        return cls(is_train, cfg.INPUT.FORMAT, f.SCALE_RANGE, f.CROP_SIZE, f.FLIP)
+
+    def __call__(self, record: dict) -> dict:
+        import torch
+
+        out = dict(record)
+        image = read_image(Path(record["file_name"]))
+        out["height"], out["width"] = image.shape[:2]
+        if self.is_train:
+            label = read_label_png(record["sem_seg_file_name"])
+            if label.shape != image.shape[:2]:
+                raise FmalibError(f"label {record['sem_seg_file_name']} is {label.shape} but image "
+                                  f"{record['file_name']} is {image.shape[:2]}; expected equal sizes")
+            image, label = random_scale_crop_flip(image, label, self.scale_range, self.crop, self.flip)
+            out["sem_seg"] = torch.as_tensor(label.astype(np.int64))
+        if self.input_format == "BGR":
+            image = image[:, :, ::-1]
+        out["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return out

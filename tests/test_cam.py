@@ -1,0 +1,128 @@
+"""Grad-CAM on CLIP, CAA refinement, the CAM stage cache and CAM-argmax seeds."""
+import numpy as np
+import pytest
+import torch
+
+from fmalib.cam import (bg_threshold_sweep, box_mask, caa_affinity, caa_refine, cam_argmax_seeds, gradcam,
+                        image_cams, load_cams, normalize_cams, run_cam_stage, sinkhorn)
+from fmalib.errors import FmalibError
+from fmalib.models import clip as C
+from fmalib.params import load_params
+from fmalib.pretrain.clip_quality import hand_prompt_gradcam, to_input
+from fmalib.prompts import HandPrompts
+
+CFG = {"target": "prob", "caa_last_k": 8, "sinkhorn_iters": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = C.load_clip("fmalib-tiny-clip")
+    with torch.no_grad():
+        text = HandPrompts(model, C.get_tokenizer("fmalib-tiny-clip"), ["ball", "star", "boat"], ["grass", "sky"])()
+    return model, text
+
+
+def test_gradcam_batched_equals_per_pair_and_reference(tiny):
+    model, text = tiny
+    x = torch.randn(2, 3, 40, 56)  # non-square: 5x7 grid
+    with torch.no_grad():
+        out = C.encode_image_tokens(model, x)
+    allowed = torch.tensor([[True, False, True, True, True], [False, True, False, True, True]])
+    pi, pc = torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1])
+    cams = gradcam(model, out.block_input, out.grid, text, pi, pc, allowed)
+    assert cams.shape == (3, 5, 7)
+    for p in range(3):
+        one = gradcam(model, out.block_input, out.grid, text, pi[p:p + 1], pc[p:p + 1], allowed)
+        assert torch.allclose(cams[p], one[0], atol=1e-6, rtol=1e-4)
+    # same as differentiating the full tower (fmalib.pretrain.clip_quality), image 0 with classes 0 and 2
+    rows = [0, 2, 3, 4]
+    ref = hand_prompt_gradcam(model, x[:1], text[rows], [0, 1])
+    assert np.allclose(cams[:2].clamp(min=0).numpy(), ref, atol=1e-6, rtol=1e-4)
+    with pytest.raises(FmalibError):
+        gradcam(model, out.block_input, out.grid, text, pi, pc, allowed, target="logit")
+
+
+def test_image_cams_non_square_sizes_rounded_to_patch(tiny):
+    model, text = tiny
+    img = np.random.default_rng(0).integers(0, 255, (45, 61, 3), dtype=np.uint8)
+    assert to_input(model, img).shape[-2:] == (48, 64)
+    out = image_cams(model, text, 3, img, [1, 3], CFG, 0.4)
+    assert out["cam"].shape == (2, 6, 8) and out["cam_caa"].shape == (2, 6, 8)
+    for k in ("cam", "cam_caa"):
+        assert out[k].min() >= 0 and out[k].max() == pytest.approx(1.0, abs=1e-5)
+    empty = image_cams(model, text, 3, img, [], CFG, 0.4)
+    assert empty["cam"].shape == (0, 6, 8)
+
+
+def test_sinkhorn_rows_cols_and_affinity():
+    a = torch.rand(30, 30, generator=torch.Generator().manual_seed(0)) + 0.01
+    one = sinkhorn(a, 1)
+    assert torch.allclose(one.sum(1), torch.ones(30), atol=1e-5)
+    many = sinkhorn(a, 50)
+    assert torch.allclose(many.sum(1), torch.ones(30), atol=1e-5)
+    assert torch.allclose(many.sum(0), torch.ones(30), atol=1e-4)
+    # column error shrinks with iterations (1 iteration: FMA-WSSS, 3: CLIP-ES)
+    err = [(sinkhorn(a, n).sum(0) - 1).abs().max().item() for n in (1, 3, 10)]
+    assert err[0] > err[1] > err[2]
+    attn = [torch.rand(1, 1 + 12, 1 + 12), torch.rand(1, 1 + 12, 1 + 12)]
+    aff = caa_affinity(attn, 3)
+    assert aff.shape == (12, 12) and torch.allclose(aff, aff.T, atol=1e-6)
+    s = (sinkhorn(((attn[0] + attn[1]) / 2)[0, 1:, 1:], 3))
+    s = (s + s.T) / 2
+    assert torch.allclose(aff, s @ s, atol=1e-6)
+
+
+def test_box_mask_and_refine():
+    cam = np.zeros((8, 10), np.float32)
+    cam[1, 1:4] = 1.0
+    cam[2, 2] = 0.8  # blob 1: rows 1-2, cols 1-3
+    cam[6, 8] = 0.9  # blob 2: a single pixel
+    cam[5, 5] = 0.2  # below threshold
+    m = box_mask(cam, 0.4)
+    expect = np.zeros_like(m)
+    expect[1:3, 1:4] = True
+    expect[6, 8] = True
+    assert np.array_equal(m, expect)
+    cams = torch.from_numpy(np.stack([cam, np.zeros_like(cam)]))
+    out = caa_refine(normalize_cams(cams), torch.eye(80), 0.4)
+    assert out.shape == (2, 8, 10)
+    # identity affinity: the refined CAM is the CAM inside its boxes, renormalised; a flat CAM stays 0
+    assert torch.allclose(out[0], normalize_cams(cams[:1] * torch.from_numpy(expect))[0], atol=1e-5)
+    assert out[1].abs().max() == 0
+
+
+def test_cam_argmax_seeds_and_threshold_sweep():
+    cams = np.array([[[0.9, 0.2], [0.5, 0.1]], [[0.1, 0.7], [0.5, 0.3]]], np.float32)
+    seeds = cam_argmax_seeds(cams, [2, 5], 0.4)
+    assert seeds.dtype == np.uint8 and seeds.tolist() == [[2, 5], [2, 0]]  # class tie -> lower index
+    assert cam_argmax_seeds(cams, [2, 5], 0.5).tolist() == [[2, 5], [0, 0]]  # tie with bg -> bg
+    assert cam_argmax_seeds(cams, [2, 5], 0.4, size=(4, 4)).shape == (4, 4)
+    assert cam_argmax_seeds(np.zeros((0, 3, 3)), [], 0.5).tolist() == [[0] * 3] * 3
+    with pytest.raises(FmalibError):
+        cam_argmax_seeds(cams, [2], 0.4)
+    gt = np.array([[2, 5], [2, 255]], np.uint8)
+    table = bg_threshold_sweep([(cams, np.array([2, 5]), gt)], [0.1, 0.4, 0.6], 6)
+    assert table[0.4] == pytest.approx(1.0) and table[0.6] < 1.0
+
+
+def test_run_cam_stage_caches_shards_and_resumes(tmp_path):
+    params = load_params("params/toy.yaml", {
+        "workdir": str(tmp_path / "work"), "data.root": str(tmp_path / "data"), "clip.checkpoint": None,
+        "data.synthetic.n_train": 4, "data.synthetic.n_val": 5})
+    c0 = run_cam_stage(params, "val", "hand", shard=(0, 2), progress=False)
+    assert len(c0.done_ids()) == 3
+    c1 = run_cam_stage(params, "val", "hand", shard=(1, 2), progress=False)
+    assert c1.dir == c0.dir and len(c1.done_ids()) == 5
+    some = sorted(c0.done_ids())[0]
+    mtime = c0.path(some).stat().st_mtime_ns
+    run_cam_stage(params, "val", "hand", progress=False)  # everything cached: nothing rewritten
+    assert c0.path(some).stat().st_mtime_ns == mtime
+    raw = c0.load_npz(some)
+    assert raw["cam"].dtype == np.float16 and raw["cam_caa"].dtype == np.float16
+    cams, labels = load_cams(c0, some)
+    assert cams.dtype == np.float32 and cams.shape[0] == len(labels) >= 1
+    with pytest.raises(FmalibError, match="train_prompts"):
+        run_cam_stage(params, "val", "cls", progress=False)
+    with pytest.raises(FmalibError, match="shard"):
+        run_cam_stage(params, "val", "hand", shard=(2, 2), progress=False)

@@ -1,0 +1,163 @@
+"""Prompt learners (contexts only trainable, token layout) and the training loop (loss falls, resume)."""
+import numpy as np
+import pytest
+import torch
+
+from fmalib.errors import FmalibError
+from fmalib.models.clip import get_tokenizer, load_clip, token_embedding
+from fmalib.params import load_params
+from fmalib.prompts import (ClsPromptLearner, HandPrompts, SegPromptLearner, build_prompts, load_context,
+                            save_context)
+from fmalib.train import (augment, batch_indices, cls_batch_loss, lr_at, seg_batch_loss, train_prompts)
+
+NAMES = ["ball", "person with clothes,people,human", "boat"]
+BG = ["grass", "sky"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return load_clip("fmalib-tiny-clip"), get_tokenizer("fmalib-tiny-clip")
+
+
+def tiny_params(tmp_path, **overrides):
+    base = {"workdir": str(tmp_path / "work"), "data.root": str(tmp_path / "data"), "clip.checkpoint": None,
+            "data.synthetic.n_train": 8, "data.synthetic.n_val": 4, "prompts.batch_size": 4,
+            "prompts.crop_size": 64, "prompts.long_side": [72, 96], "prompts.ckpt_every": 5}
+    base.update(overrides)
+    return load_params("params/toy.yaml", base)
+
+
+def test_hand_prompts_equal_encode_text(tiny):
+    model, tok = tiny
+    hand = HandPrompts(model, tok, NAMES, BG)
+    assert hand.texts[1] == "a clean origami person with clothes,people,human."
+    assert list(hand.parameters()) == [] and hand.state_dict() == {}
+    ref = model.encode_text(tok(hand.texts)[:, :32])
+    assert torch.allclose(hand(), torch.nn.functional.normalize(ref, dim=-1), atol=1e-5)
+
+
+def test_cls_prompts_shared_context_class_last(tiny):
+    model, tok = tiny
+    pl = ClsPromptLearner(model, tok, NAMES, BG, n_ctx=4, init_std=0.015, seed=1)
+    assert [n for n, _ in pl.named_parameters()] == ["ctx"] and list(pl.state_dict()) == ["ctx"]
+    assert pl.ctx.shape == (1, 4, model.token_embedding.weight.shape[1])
+    emb = pl.embeddings()
+    for k in range(len(NAMES) + len(BG)):
+        assert torch.equal(emb[k, 1:5], pl.ctx[0])  # context right after SOS, the name after it
+    name_tokens = token_embedding(model, tok(["ball"])[:, 1:2])[0, 0]
+    assert torch.equal(emb[0, 5], name_tokens)
+    big = ClsPromptLearner(model, tok, NAMES, BG, n_ctx=16, init_std=0.015, seed=0)
+    assert big.ctx.std().item() == pytest.approx(0.015, rel=0.1)
+
+
+def test_seg_prompts_class_specific_name_first_bg_context_only(tiny):
+    model, tok = tiny
+    pl = SegPromptLearner(model, tok, NAMES, n_bg=2, n_ctx=4, init_std=0.0125, seed=0)
+    assert pl.ctx.shape[:2] == (5, 4) and pl.n_fg == 3 and pl.n_bg == 2
+    assert pl.texts[0].startswith("ball X") and pl.texts[3] == "X X X X ."
+    emb = pl.embeddings()
+    assert torch.equal(emb[0, 2:6], pl.ctx[0])  # SOS, "ball", then the context
+    assert torch.equal(emb[1, 8:12], pl.ctx[1])  # 7 name tokens
+    assert torch.equal(emb[4, 1:5], pl.ctx[4])
+    assert not torch.equal(pl.ctx[0], pl.ctx[1])
+
+
+def test_gradients_reach_only_the_contexts(tiny):
+    model, tok = tiny
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 48, 40, generator=g)
+    present = torch.tensor([[True, False, True], [False, True, False]])
+    seeds = torch.randint(0, 4, (2, 48, 40), generator=g)
+    for pl, loss_fn in ((ClsPromptLearner(model, tok, NAMES, BG, n_ctx=4),
+                         lambda pl: cls_batch_loss(model, pl, images, present)),
+                        (SegPromptLearner(model, tok, NAMES, 2, n_ctx=4),
+                         lambda pl: seg_batch_loss(model, pl, images, present, seeds))):
+        loss_fn(pl).backward()
+        assert pl.ctx.grad is not None and pl.ctx.grad.abs().sum() > 0
+        assert all(p.grad is None for p in model.parameters())
+    # seg: a class's CAM depends on its own context (and the bg ones), not on an absent class's
+    pl = SegPromptLearner(model, tok, NAMES, 2, n_ctx=4)
+    seg_batch_loss(model, pl, images[:1], present[:1], seeds[:1]).backward()
+    assert pl.ctx.grad[1].abs().sum() == 0 and pl.ctx.grad[0].abs().sum() > 0
+
+
+def test_context_save_load_and_errors(tiny, tmp_path):
+    model, tok = tiny
+    a = ClsPromptLearner(model, tok, NAMES, BG, n_ctx=4, seed=3)
+    path = save_context(a, tmp_path / "ctx.pt")
+    b = load_context(ClsPromptLearner(model, tok, NAMES, BG, n_ctx=4, seed=4), path)
+    assert torch.equal(a.ctx, b.ctx)
+    with pytest.raises(FmalibError, match="expect"):
+        load_context(SegPromptLearner(model, tok, NAMES, 2, n_ctx=4), path)
+    with pytest.raises(FmalibError, match="does not exist"):
+        load_context(b, tmp_path / "missing.pt")
+    with pytest.raises(FmalibError, match="context"):
+        ClsPromptLearner(model, tok, ["a very long name " * 4], BG, n_ctx=16)
+
+
+def test_schedule_sampling_and_augmentation():
+    assert lr_at(0, 100, 1e-3, 10, 1e-5) == 1e-5 and lr_at(9, 100, 1e-3, 10, 1e-5) == 1e-5
+    assert lr_at(10, 100, 1e-3, 10, 1e-5) == pytest.approx(1e-3)
+    assert lr_at(55, 100, 1e-3, 10, 1e-5) == pytest.approx(5e-4) and lr_at(99, 100, 1e-3, 10, 1e-5) < 1e-6
+    seen = batch_indices(10, 4, 0, 0) + batch_indices(10, 4, 1, 0) + batch_indices(10, 4, 2, 0)[:2]
+    assert sorted(seen) == list(range(10))  # one epoch = one permutation
+    cfg = {"crop_size": 32, "long_side": [40, 48], "color_jitter": [0.4, 0.4, 0.4, 0.1], "flip": True}
+    img = np.zeros((30, 20, 3), np.uint8)
+    lab = np.zeros((30, 20), np.uint8)
+    lab[:, 10:] = 1  # right half class 1
+    x, y = augment(img, lab, np.random.default_rng(0), cfg)
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32) and 0 <= x.min() and x.max() <= 1
+    x2, y2 = augment(img, lab, np.random.default_rng(0), cfg)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    # labels follow the geometry: the class stays one vertical half-plane
+    cols = (y == 1).any(0)
+    assert (y == 1).all(0)[cols].all()
+
+
+def test_training_lowers_loss_and_resumes_identically(tmp_path):
+    torch.set_num_threads(1)
+    params = tiny_params(tmp_path, **{"prompts.cls.iters": 20, "prompts.cls.warmup_iters": 2,
+                                      "prompts.cls.lr": 0.05})
+    res = train_prompts(params, "cls", progress=False)
+    assert len(res.losses) == 20 and res.context_path.is_file() and res.csv_path.is_file()
+    assert np.mean(res.losses[-5:]) < np.mean(res.losses[:5])
+    assert train_prompts(params, "cls", progress=False).losses == res.losses  # cached run is loaded
+    # an interrupted run resumed from its checkpoint gives the same contexts
+    p2 = tiny_params(tmp_path, **{"prompts.cls.iters": 20, "prompts.cls.warmup_iters": 2,
+                                  "prompts.cls.lr": 0.05, "workdir": str(tmp_path / "work2")})
+    part = train_prompts(p2, "cls", progress=False, stop_after=7)
+    assert not part.context_path.is_file() and len(part.losses) == 7
+    full = train_prompts(p2, "cls", progress=False)
+    assert full.losses == pytest.approx(res.losses, abs=1e-6)
+    a = torch.load(res.context_path, weights_only=True)["state"]["ctx"]
+    b = torch.load(full.context_path, weights_only=True)["state"]["ctx"]
+    assert torch.equal(a, b)
+
+
+def test_vit_b16_random_init_prompt_step_and_cam():
+    """The paper's architecture end to end on CPU (few prompts: ViT-B's text tower dominates CPU time)."""
+    from fmalib.cam import image_cams
+
+    torch.manual_seed(0)
+    model = load_clip("ViT-B-16")
+    tok = get_tokenizer("ViT-B-16")
+    pl = SegPromptLearner(model, tok, NAMES, n_bg=2, n_ctx=16)
+    opt = torch.optim.SGD(pl.parameters(), lr=1e-3, momentum=0.9)
+    images = torch.randn(1, 3, 64, 96)  # a 4x6 patch grid
+    present = torch.tensor([[True, False, True]])
+    seeds = torch.zeros(1, 64, 96, dtype=torch.long)
+    seeds[0, 10:40, 20:60] = 3
+    before = pl.ctx.detach().clone()
+    loss = seg_batch_loss(model, pl, images, present, seeds)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss) and not torch.equal(before, pl.ctx.detach())
+    with torch.no_grad():
+        text = HandPrompts(model, tok, NAMES, BG)()
+    img = np.random.default_rng(0).integers(0, 255, (70, 100, 3), dtype=np.uint8)
+    cfg = {"target": "prob", "caa_last_k": 8, "sinkhorn_iters": 1}
+    out = image_cams(model, text, len(NAMES), img, [1, 3], cfg, 0.4)
+    assert out["cam"].shape == (2, 4, 6) and out["cam_caa"].shape == (2, 4, 6)
+    assert np.isfinite(out["cam_caa"]).all()
