@@ -149,3 +149,21 @@ def clip_quality(model, tokenizer: Callable, dataset, class_names: Sequence[str]
                                        class_names, bg_words, template)
     res["n_images"] = n
     return res
+
+
+def hand_prompt_cam_panels(model, tokenizer: Callable, item: dict, class_names: Sequence[str],
+                           bg_words: Sequence[str], template: str = HAND_TEMPLATE) -> tuple[list, list]:
+    """Zero-shot hand-prompt Grad-CAM heat maps of one dataset item, one per present class (notebook 01)."""
+    from ..viz import heatmap
+
+    ids = [int(c) for c in item["labels"]]
+    text = torch.cat([text_features(model, tokenizer, [class_names[c - 1] for c in ids], template),
+                      text_features(model, tokenizer, bg_words, template)])
+    cams = hand_prompt_gradcam(model, to_input(model, item["image"]), text, range(len(ids)))
+    h, w = item["image"].shape[:2]
+    panels = []
+    for cam in cams:
+        up = F.interpolate(torch.from_numpy(cam)[None, None].float(), size=(h, w), mode="bilinear",
+                           align_corners=False)[0, 0].numpy()
+        panels.append(heatmap(item["image"], up / max(float(up.max()), 1e-8)))
+    return [item["image"], *panels], ["image", *[class_names[c - 1] for c in ids]]

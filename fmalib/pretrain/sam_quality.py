@@ -162,3 +162,19 @@ def sam_quality(model: Sam, params: Params, n_images: int | None = None, multile
                                                   mask_fn=lambda image: list(gen.generate(image).to_bool()))
     log.info("tiny SAM quality on %d val images: %s", len(samples), out)
     return out
+
+
+def point_prompt_panels(model: Sam, sample) -> tuple[list[np.ndarray], list[str]]:
+    """For each instance of one sample: its centre point's three multimask outputs as mosaics (notebook 01)."""
+    from ..viz import mask_mosaic
+
+    predictor = SamPredictor(model)
+    predictor.set_image(sample.image)
+    xy = np.array([center_point(inst.mask) for inst in sample.instances])
+    masks, scores = _predict_points(predictor, xy)
+    panels, titles = [], []
+    for k, (m, sc) in enumerate(zip(masks, scores)):
+        for level, name in enumerate(("subpart", "part", "whole")):
+            panels.append(mask_mosaic(sample.image, m[level:level + 1], seed=k))
+            titles.append(f"object {k}: {name} (pred IoU {sc[level]:.2f})")
+    return panels, titles
