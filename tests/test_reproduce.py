@@ -51,3 +51,18 @@ def test_report_has_headline_and_outputs_without_code(study):
     html = build_report(out).read_text()
     assert "made A" in html and "Headline" in html
     assert "record(out_dir" not in html  # code cells are hidden
+
+
+def test_ordering_and_ablation_tables_read_recorded_results(tmp_path):
+    from fmalib.report import ablation_table, ordering_check
+    from fmalib.results import record
+
+    record(tmp_path, "04_coarse_seeds", coarse_seed_miou=0.6, cam_argmax_miou=0.4)
+    record(tmp_path, "06_fine_seeds", fine_seed_miou=0.55)
+    verdicts = ordering_check(tmp_path).set_index("claim")["verdict"]
+    assert verdicts["SAMS beats the CAM argmax (coarse seeds, train)"] == "holds"
+    assert verdicts["seg prompts sharpen the seeds (fine > coarse, train)"] == "does NOT hold"
+    assert verdicts["ground truth bounds stage 2 (upper bound > seeds, val)"] == "not run"
+    table = ablation_table(tmp_path).set_index("setting")["mIoU (%)"]
+    assert table["cls CAMs + SAMS = coarse seeds (train)"] == pytest.approx(60.0)
+    assert table.isna().sum() == len(table) - 3
