@@ -13,7 +13,12 @@ STAGES = {
     "reproduce": ("fmalib.cli_study", "reproduce"),
     "report": ("fmalib.cli_study", "report"),
     "data": ("fmalib.cli_study", "data"),
+    "foundation": ("fmalib.cli_study", "foundation"),
+    "masks": ("fmalib.cli_study", "masks"),
+    "prompts": ("fmalib.cli_study", "prompts"),
+    "seeds": ("fmalib.cli_study", "seeds"),
 }
+# Stage 2 has its own options: `python -m fmalib.segment --help`.
 
 
 def parse_shard(text: str) -> tuple[int, int]:
