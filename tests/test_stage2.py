@@ -36,6 +36,15 @@ TINY = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy machine its spin-waits cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def params(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stage2")
