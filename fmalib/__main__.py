@@ -18,7 +18,7 @@ STAGES = {
     "prompts": ("fmalib.cli_study", "prompts"),
     "seeds": ("fmalib.cli_study", "seeds"),
 }
-# Stage 2 has its own options: `python -m fmalib.segment --help`.
+# Stage 2 has its own options (`python -m fmalib stage2 --help`); its argv is passed through as is.
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -34,7 +34,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmalib", description=__doc__)
-    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("stage", choices=sorted(STAGES) + ["stage2"])
     parser.add_argument("--params", default="params/toy.yaml", help="params YAML")
     parser.add_argument("--fast", action="store_true", help="apply the params file's fast: overrides")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -59,6 +59,11 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["stage2"]:
+        from .segment.cli import main as stage2_main
+
+        return stage2_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     module, func = STAGES[args.stage]

@@ -259,3 +259,11 @@ def test_pseudo_label_dir_contract(params, tmp_path):
     (tmp_path / "mine").mkdir()
     explicit = load_params(params.to_dict(), {"stage2.labels": str(tmp_path / "mine")})
     assert pseudo_label_dir(explicit, tmp_path) == tmp_path / "mine"  # params win over the recorded seeds
+
+
+def test_same_seed_same_weights(params, tmp_path):
+    short = load_params(params.to_dict(), {"stage2.iters": 2})
+    for run in ("a", "b"):
+        train_segmenter(short, None, tmp_path / run, resume=False)
+    a, b = (torch.load(tmp_path / run / "model_final.pth", weights_only=False)["model"] for run in ("a", "b"))
+    assert all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
