@@ -133,3 +133,13 @@ def test_label_png_round_trip_with_palette(tmp_path):
     assert VOC_PALETTE[3:6] == [128, 0, 0] and VOC_PALETTE[-3:] == [224, 224, 192]
     with pytest.raises(FmalibError, match="missing.png"):
         read_label_png(tmp_path / "missing.png")
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    atomic_save_npz(tmp_path / "p.npz", x=np.zeros(1))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "p.npz").stat().st_mode) == 0o666 & ~umask

@@ -222,7 +222,9 @@ def _scripted_generator(radii, ious, **overrides):
     model = fm.load_sam_from_params(load_params("params/toy.yaml", {"sam.checkpoint": "/nonexistent.pth"}))
     model.prompt_encoder = _PointsAsEmbeddings()
     model.mask_decoder = _Discs(model.image_encoder.img_size, radii, ious)
-    cfg = dict(load_params("params/toy.yaml").masks, points_per_side=4, points_per_batch=5, **overrides)
+    cfg = dict(load_params("params/toy.yaml").masks, points_per_side=4, points_per_batch=5,
+               pred_iou_thresh=0.86, stability_score_thresh=0.92)
+    cfg.update(overrides)
     return fm.MultiLevelMaskGenerator(model, cfg)
 
 
