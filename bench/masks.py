@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import json
 import platform
 import time
@@ -43,7 +44,7 @@ def run(params, images, threads: int, overrides: dict) -> dict:
         cache += cache_bytes(m)
         raw_bool += len(m) * img.shape[0] * img.shape[1]
         raw_bits += len(m) * ((img.shape[0] * img.shape[1] + 7) // 8)
-    unfiltered = sum(len(generator.generate_unfiltered(img)) for img in images[:5]) / min(5, len(images))
+    unfiltered = sum(len(generator.generate_unfiltered(img)) for img in images) / len(images)
     n = len(images)
     return {"threads": threads, "overrides": overrides, "images_per_s": n / elapsed, "s_per_image": elapsed / n,
             "masks_per_image": (per_level / n).round(2).tolist(), "masks_per_image_before_overlap_filter":
@@ -71,7 +72,8 @@ def main(argv=None) -> dict:
               "sam_random_init": "random_init_seed" in ident, "images": len(images),
               "image_size": [int(np.mean([i.shape[0] for i in images])), int(np.mean([i.shape[1] for i in images]))],
               "masks": {k: params["masks"][k] for k in ("points_per_side", "points_per_batch", "crop_n_layers")},
-              "runs": runs, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads max"}
+              "runs": runs, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "load_average_1min": os.getloadavg()[0]}
     print(json.dumps(result, indent=1))
     atomic_write_text(args.out, json.dumps(result, indent=1))
     return result
