@@ -9,6 +9,7 @@ beat cls prompts? And how fast does prompt training run?
 The seg prompts are trained on CAM-argmax seeds of the cls CAMs by default (``--seeds sams`` for the
 method's SAMS coarse seeds). Numbers mean something only with the pretrained tiny CLIP (assets/tiny_clip.pt).
     python bench/prompts.py [--params params/toy.yaml] [--fast] [--seeds cam_argmax|sams] [--vitb16 3]
+    python bench/prompts.py --speed-only   # step timings only, merged into the JSON
 Writes reports/bench/prompts.json (reports/bench/prompts-fast.json with --fast).
 """
 from __future__ import annotations
@@ -34,24 +35,21 @@ from fmalib.train import (clip_key, cls_batch_loss, load_clip_from_params, seg_b
 log = logging.getLogger("bench.prompts")
 
 
-def vitb16_speed(stage: str, iters: int, device: str) -> dict:
-    """ViT-B/16 (random init) prompt-training iterations at 224 px, batch 16, 20 classes + 25 bg prompts."""
-    from fmalib.models.clip import load_clip
-    from fmalib.params import load_params
-
-    params = load_params("params/voc.yaml", {"clip.checkpoint": None, "device": device})
-    dev = torch.device(device)
-    model = load_clip("ViT-B-16", None, dev)
+def step_speed(params, model, stage: str, iters: int, size: int, n_classes: int) -> dict:
+    """Iterations/s of prompt training steps (forward, backward, SGD) on random data: batch from params,
+    ``size`` px crops, about 1.5 present classes per image; the first iteration is left out."""
+    dev = next(model.parameters()).device
     prompts = build_prompts(stage, model, params).to(dev)
     opt = torch.optim.SGD(prompts.parameters(), lr=1e-3, momentum=0.9)
     amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(16, 3, 224, 224, generator=g).to(dev)
-    present = torch.zeros(16, 20, dtype=torch.bool)
-    present[torch.arange(16), torch.randint(0, 20, (16,), generator=g)] = True
-    present[torch.arange(8), torch.randint(0, 20, (8,), generator=g)] = True
-    seeds = torch.randint(0, 21, (16, 224, 224), generator=g).to(dev)
+    b = int(params["prompts"]["batch_size"])
+    images = torch.randn(b, 3, size, size, generator=g).to(dev)
+    present = torch.zeros(b, n_classes, dtype=torch.bool)
+    present[torch.arange(b), torch.randint(0, n_classes, (b,), generator=g)] = True
+    present[torch.arange(b // 2), torch.randint(0, n_classes, (b // 2,), generator=g)] = True
+    seeds = torch.randint(0, n_classes + 1, (b, size, size), generator=g).to(dev)
     times = []
     for _ in range(iters + 1):
         if dev.type == "cuda":
@@ -67,8 +65,37 @@ def vitb16_speed(stage: str, iters: int, device: str) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"iters_per_s": float(len(times[1:]) / sum(times[1:])), "device": device, "amp": amp, "batch": 16,
-            "size": 224, "iters_timed": iters}
+    return {"iters_per_s": float(len(times[1:]) / sum(times[1:])), "device": str(dev), "amp": amp, "batch": b,
+            "size": size, "iters_timed": iters, "threads": torch.get_num_threads()}
+
+
+def vitb16_speed(stage: str, iters: int, device: str) -> dict:
+    """ViT-B/16 (random init) at 224 px, batch 16, VOC's 20 classes + 25 bg prompts."""
+    from fmalib.models.clip import load_clip
+    from fmalib.params import load_params
+
+    params = load_params("params/voc.yaml", {"clip.checkpoint": None, "device": device})
+    return step_speed(params, load_clip("ViT-B-16", None, torch.device(device)), stage, iters, 224, 20)
+
+
+def speeds(params, model, args) -> dict:
+    """Step timings of the toy schedule on 1 and 2 CPU threads (+ ViT-B/16 with ``--vitb16 N``)."""
+    n_cls = len(params["classes"]["names"])
+    res: dict = {"toy_step_speed": {}}
+    for threads in sorted({1, 2, args.threads}):
+        torch.set_num_threads(threads)
+        res["toy_step_speed"][f"{threads}_threads"] = {
+            s: step_speed(params, model, s, 10, params["prompts"]["crop_size"], n_cls) for s in ("cls", "seg")}
+    torch.set_num_threads(args.threads)
+    if args.vitb16:
+        res["vit_b16"] = {s: vitb16_speed(s, args.vitb16, params["device"]) for s in ("cls", "seg")}
+    return res
+
+
+def speeds_summary(res: dict) -> dict:
+    out = {k: {s: round(v["iters_per_s"], 3) for s, v in d.items()} for k, d in res.get("toy_step_speed", {}).items()}
+    out.update({f"vit_b16_{s}": round(v["iters_per_s"], 3) for s, v in res.get("vit_b16", {}).items()})
+    return out
 
 
 def main() -> None:
@@ -79,6 +106,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vitb16", type=int, default=0, help="also time N ViT-B/16 iterations per stage")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--speed-only", action="store_true", help="only the step timings, merged into the JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = fmalib.study.setup(args.params, fast=args.fast, device=args.device)
@@ -86,6 +114,13 @@ def main() -> None:
     if "random_init_seed" in ident:
         log.warning("no pretrained CLIP (%s): the quality numbers below are meaningless", params["clip"]["checkpoint"])
     model = load_clip_from_params(params)
+    out = repo_root() / "reports" / "bench" / ("prompts-fast.json" if args.fast else "prompts.json")
+    if args.speed_only:
+        res = json.loads(out.read_text()) if out.is_file() else {}
+        res.update(speeds(params, model, args))
+        atomic_write_text(out, json.dumps(res, indent=1, default=float))
+        print(json.dumps(speeds_summary(res), indent=1))
+        return
     res: dict = {"params": str(args.params), "fast": args.fast, "clip": ident, "threads": args.threads,
                  "device": params["device"], "machine": platform.machine(), "torch": torch.__version__}
 
@@ -108,9 +143,7 @@ def main() -> None:
                         "loss_first10": float(np.mean(seg_run.losses[:10])),
                         "loss_last10": float(np.mean(seg_run.losses[-10:])), "batch": params["prompts"]["batch_size"]}
     res["seed_miou"]["seg"] = argmax_seed_miou(params, "seg", seeds_dir=seeds_dir, model=model)
-    if args.vitb16:
-        dev = params["device"]
-        res["vit_b16"] = {s: vitb16_speed(s, args.vitb16, dev) for s in ("cls", "seg")}
+    res.update(speeds(params, model, args))
     res["wall_s"] = time.perf_counter() - t0
 
     sm = res["seed_miou"]
@@ -128,7 +161,7 @@ def main() -> None:
     for k, v in summary.items():
         print(f"{k:40s} {v[0]:.4f} / {v[1]:.4f}")
     print(json.dumps(res["checks"]))
-    out = repo_root() / "reports" / "bench" / ("prompts-fast.json" if args.fast else "prompts.json")
+    print(json.dumps(speeds_summary(res), indent=1))
     atomic_write_text(out, json.dumps(res, indent=1, default=float))
     print(f"wrote {out}")
 

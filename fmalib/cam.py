@@ -171,7 +171,10 @@ def cam_cache(params, split: str, kind: str, ctx_path: str | Path | None = None)
     """The CAM cache of ``split`` for prompts ``kind`` (hand | cls | seg) with contexts ``ctx_path``."""
     from .train import clip_key, file_fingerprint
 
-    key = {"split": split, "kind": kind, "cam": params["cam"], "classes": params["classes"], "clip": clip_key(params),
+    cam = params["cam"]  # only what changes the maps (not use_caa / bg_thresholds, which act downstream)
+    cfg = {"target": cam["target"], "caa_last_k": cam["caa_last_k"], "sinkhorn_iters": cam["sinkhorn_iters"],
+           "caa_threshold": cam["caa_threshold"][kind]}
+    key = {"split": split, "kind": kind, "cam": cfg, "classes": params["classes"], "clip": clip_key(params),
            "data": params["data"], "template": params["prompts"]["hand_template"] if kind == "hand" else None,
            "ctx": file_fingerprint(ctx_path) if ctx_path else None}
     return StageCache(params.resolve_path("workdir"), f"cam_{kind}", key)

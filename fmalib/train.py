@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
-from .cache import StageCache, atomic_path, atomic_write_text, stable_hash
+from .cache import StageCache, atomic_path, atomic_write_text
 from .errors import FmalibError
 from .losses import cam_activation_loss_pairs, multilabel_contrastive_loss
 from .models import clip as C
@@ -117,6 +117,8 @@ def train_cache(params, stage: str, seeds_dir: str | Path | None = None) -> Stag
     key = {"stage": stage, "prompts": common, "stage_cfg": pr[stage], "classes": params["classes"],
            "clip": clip_key(params), "data": params["data"], "seed": int(params["seed"]), "seeds": seeds,
            "device": get_device(params["device"]).type}
+    if stage == "seg":  # the seg loss differentiates Grad-CAMs of this target
+        key["cam_target"] = params["cam"]["target"]
     return StageCache(params.resolve_path("workdir"), f"prompts_{stage}", key)
 
 

@@ -6,8 +6,7 @@ import torch
 from fmalib.errors import FmalibError
 from fmalib.models.clip import get_tokenizer, load_clip, token_embedding
 from fmalib.params import load_params
-from fmalib.prompts import (ClsPromptLearner, HandPrompts, SegPromptLearner, build_prompts, load_context,
-                            save_context)
+from fmalib.prompts import ClsPromptLearner, HandPrompts, SegPromptLearner, load_context, save_context
 from fmalib.train import (augment, batch_indices, cls_batch_loss, lr_at, seg_batch_loss, train_prompts)
 
 NAMES = ["ball", "person with clothes,people,human", "boat"]
@@ -134,6 +133,19 @@ def test_training_lowers_loss_and_resumes_identically(tmp_path):
     a = torch.load(res.context_path, weights_only=True)["state"]["ctx"]
     b = torch.load(full.context_path, weights_only=True)["state"]["ctx"]
     assert torch.equal(a, b)
+
+
+def test_seg_training_reads_seed_maps(tmp_path):
+    params = tiny_params(tmp_path, **{"prompts.seg.iters": 3, "prompts.seg.warmup_iters": 1})
+    with pytest.raises(FmalibError, match="seeds_dir"):
+        train_prompts(params, "seg", progress=False)
+    from fmalib.data import open_dataset
+
+    open_dataset(params, "train")  # writes the benchmark; its GT maps stand in for seeds here
+    res = train_prompts(params, "seg", seeds_dir=tmp_path / "data" / "SegmentationClass", progress=False)
+    assert len(res.losses) == 3 and all(np.isfinite(res.losses)) and res.context_path.is_file()
+    ctx = torch.load(res.context_path, weights_only=True)["state"]["ctx"]
+    assert ctx.shape[:2] == (6 + 7, 16)  # toy: 6 classes + 7 context-only bg prompts
 
 
 def test_vit_b16_random_init_prompt_step_and_cam():
