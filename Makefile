@@ -13,6 +13,11 @@ install:
 	$(PY) -m pip install -q -e ".[test]"
 	bash tools/install_detectron2.sh $(PY)
 	$(PY) -m pip install -q -e ".[crf]" || echo "note: dense CRF (pydensecrf2) did not install; CRF post-processing will be skipped"
+	# nbstripout as a git filter for notebooks/ only (.gitattributes): `nbstripout --install` would also
+	# write a repo-wide attribute that strips the executed copies in reports/.
+	-git config filter.nbstripout.clean "$(abspath $(VENV))/bin/nbstripout"
+	-git config filter.nbstripout.smudge cat
+	-git config filter.nbstripout.required true
 
 test:
 	$(PY) -m pytest -q

@@ -5,7 +5,6 @@ Writes reports/bench/data.json. Usage: python bench/data.py [--params params/toy
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -14,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fmalib.cache import atomic_write_text
 from fmalib.data.synthetic import generate_sample, sample_size, write_benchmark
-from fmalib.params import load_params, repo_root
+from fmalib.params import load_params
+from fmalib.results import write_bench
 
 
 def _du(path: Path) -> int:
@@ -51,9 +50,7 @@ def main() -> dict:
         out["mib_total"] = round(out["bytes"]["total"] / 2**20, 2)
         sizes = [sample_size(syn.seed, i, size_range) for i in range(syn.n_train)]
         out["non_square_share"] = float(np.mean([h != w for h, w in sizes]))
-    path = repo_root() / "reports" / "bench" / "data.json"
-    atomic_write_text(path, json.dumps(out, indent=1))
-    print(json.dumps(out, indent=1))
+    write_bench("data", out)
     return out
 
 

@@ -5,17 +5,16 @@ Usage: python bench/foundation.py [--params params/toy.yaml] [--n-images N]
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 from fmalib import study
-from fmalib.cache import atomic_write_text
 from fmalib.data import open_dataset
 from fmalib.models.clip import get_tokenizer, load_clip
 from fmalib.models.sam import load_sam
 from fmalib.params import repo_root
 from fmalib.pretrain.clip_quality import clip_quality
 from fmalib.pretrain.sam_quality import sam_quality
+from fmalib.results import write_bench
 
 TARGETS = {"clip_zero_shot_map": 0.85, "clip_cam_hit_rate": 0.70, "sam_point_best_of_3": 0.75,
            "sam_amg_recall": 0.80}
@@ -42,8 +41,7 @@ def main() -> dict:
     out = {"measured": measured, "targets": TARGETS,
            "meets": {k: measured[k] >= v for k, v in TARGETS.items()}, "asset_bytes": files,
            "clip_images": cq["n_images"], "sam_images": sq["n_images"], "seconds": time.perf_counter() - t0}
-    print(json.dumps(out, indent=1))
-    atomic_write_text(repo_root() / "reports/bench/foundation.json", json.dumps(out, indent=1, sort_keys=True))
+    write_bench("foundation", out)
     return out
 
 

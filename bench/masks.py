@@ -10,17 +10,16 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import json
 import platform
 import time
 
 import numpy as np
 import torch
 
-from fmalib.cache import atomic_write_text
 from fmalib.data import open_dataset
 from fmalib.masks import MultiLevelMaskGenerator, load_sam_from_params, sam_identity
 from fmalib.params import load_params, repo_root
+from fmalib.results import write_bench
 
 
 def cache_bytes(masks) -> int:
@@ -74,8 +73,7 @@ def main(argv=None) -> dict:
               "masks": {k: params["masks"][k] for k in ("points_per_side", "points_per_batch", "crop_n_layers")},
               "runs": runs, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "load_average_1min": os.getloadavg()[0]}
-    print(json.dumps(result, indent=1))
-    atomic_write_text(args.out, json.dumps(result, indent=1))
+    write_bench(args.out, result)
     return result
 
 

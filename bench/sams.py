@@ -15,7 +15,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import importlib.util
-import json
 import platform
 import time
 
@@ -23,10 +22,10 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from fmalib.cache import atomic_write_text
 from fmalib.params import repo_root
 from fmalib.rle import MaskRuns
 from fmalib.sams import sams_seed, upsample_cams
+from fmalib.results import write_bench
 
 
 def load_reference():
@@ -131,8 +130,7 @@ def main(argv=None) -> dict:
         "load_average_1min": os.getloadavg()[0],
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
-    print(json.dumps(result, indent=1))
-    atomic_write_text(args.out, json.dumps(result, indent=1))
+    write_bench(args.out, result)
     return result
 
 

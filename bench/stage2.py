@@ -9,7 +9,6 @@ per iteration are reported as well (``toy_projection_cpu_s`` assumes perfect sca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fmalib.cache import atomic_write_text
 from fmalib.data import open_dataset
-from fmalib.params import load_params, repo_root
+from fmalib.params import load_params
 from fmalib.segment import load_segmenter, read_metrics, train_segmenter
+from fmalib.results import write_bench
 
 
 def main() -> dict:
@@ -72,9 +71,7 @@ def main() -> dict:
     # the same from CPU time: what both runs take where this process has its threads' cores to itself
     out["toy_projection_cpu_s"] = {"train_both_runs": round(2 * s2.iters * cpu_iter / args.threads, 1)}
     out["loadavg_after"] = os.getloadavg()[0]
-    path = repo_root() / "reports" / "bench" / "stage2.json"
-    atomic_write_text(path, json.dumps(out, indent=1))
-    print(json.dumps(out, indent=1))
+    write_bench("stage2", out)
     return out
 
 

@@ -30,3 +30,16 @@ def read_results(out_dir: str | os.PathLike) -> dict[str, dict]:
     """{group: {key: value}} for every results/*.json under out_dir."""
     root = _results_dir(out_dir)
     return {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json"))} if root.is_dir() else {}
+
+
+def write_bench(name_or_path: str | os.PathLike, data: dict) -> Path:
+    """Print a benchmark's numbers and write them (atomic) to reports/bench/<name>.json, or to the path given."""
+    from .params import repo_root
+
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = repo_root() / "reports" / "bench" / f"{name_or_path}.json"
+    text = json.dumps(data, indent=1, default=float)
+    print(text)
+    atomic_write_text(path, text)
+    return path

@@ -127,15 +127,6 @@ def test_remove_small_regions():
 
 
 @pytest.fixture
-def one_thread():
-    # a shared 2-core machine: torch's thread pool on a busy CPU is several times slower than one thread
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def toy_params(tmp_path):
     return load_params("params/toy.yaml", {
         "data.root": str(tmp_path / "data"), "workdir": str(tmp_path / "work"),

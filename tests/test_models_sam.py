@@ -129,6 +129,21 @@ def test_region_maps_partition_image_and_nest_parts():
     assert (p_mask <= w_mask).all() and p_mask.sum() < w_mask.sum()
 
 
+def test_pretraining_images_stay_outside_the_splits(params):
+    """The frozen SAM must never see the study's own train/val images."""
+    cfg = pt.pretrain_config(params)
+    assert cfg["index_offset"] >= 1_000_000 + params["data"]["synthetic"]["n_val"]
+    for offset in (0, 795, 1_000_000 + 299):  # train starts at 0, val at 1,000,000 (4 steps × 1 image)
+        bad = load_params("params/toy.yaml", {"foundation.sam.index_offset": offset, "foundation.sam.steps": 4,
+                                              "foundation.sam.batch_size": 1})
+        with pytest.raises(FmalibError, match="foundation.sam.index_offset.*overlap the (train|val) split"):
+            pt.pretrain_config(bad)
+    from fmalib.pretrain import clip as pclip
+    bad = load_params("params/toy.yaml", {"foundation.clip.pool_offset": 999_000})
+    with pytest.raises(FmalibError, match="foundation.clip.pool_offset.*overlap the val split"):
+        pclip.pretrain_config(bad)
+
+
 def test_training_steps_lower_loss(params):
     cfg = pt.pretrain_config(params)
     torch.manual_seed(0)

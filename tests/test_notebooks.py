@@ -16,3 +16,23 @@ def test_every_notebook_runs_fast(tmp_path):
     assert [r["status"] for r in records] == ["ran"] * len(notebooks)
     assert all((out / nb.name).is_file() for nb in notebooks)
     assert read_results(out), "no notebook recorded any result"
+
+
+def test_source_notebooks_are_stored_without_outputs():
+    import json
+
+    for nb in notebook_paths():
+        cells = json.loads(nb.read_text())["cells"]
+        dirty = [i for i, c in enumerate(cells) if c.get("outputs") or c.get("execution_count")]
+        assert not dirty, f"{nb.name}: cells {dirty} hold outputs; run `make strip` (executed copies go to reports/)"
+
+
+def test_output_stripping_is_scoped_to_the_source_notebooks():
+    import subprocess
+
+    def attr(path):
+        out = subprocess.run(["git", "check-attr", "filter", path], capture_output=True, text=True, check=True)
+        return out.stdout.strip().rsplit(": ", 1)[-1]
+
+    assert attr("notebooks/00_data.ipynb") == "nbstripout"
+    assert attr("reports/toy/00_data.ipynb") == "unspecified"

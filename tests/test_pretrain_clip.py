@@ -11,13 +11,7 @@ from fmalib.pretrain import clip as P
 from fmalib.pretrain import clip_quality as Q
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and on a shared 2-core machine two threads stall each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(tmp_path, name, **clip):

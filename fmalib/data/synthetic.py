@@ -495,6 +495,23 @@ def sample_size(seed: int, index: int, size_range: tuple[int, int]) -> tuple[int
 SPLIT_OFFSET = {"train": 0, "val": 1_000_000}  # val index space never meets train's
 
 
+def split_sizes(params) -> dict[str, int]:
+    """Images per benchmark split of a synthetic params file."""
+    syn = params["data"]["synthetic"]
+    return {"train": syn["n_train"], "val": syn["n_val"]}
+
+
+def check_outside_splits(offset: int, n: int, split_sizes: dict[str, int], where: str) -> None:
+    """Raise unless generator indices [offset, offset + n) miss every benchmark split's indices: the tiny
+    foundation models pretrain on generated images, and any of the study's own images among them would leak
+    its test data into its frozen models. ``where`` names the params file and key in the error."""
+    for split, size in split_sizes.items():
+        lo = SPLIT_OFFSET[split]
+        if offset < lo + size and lo < offset + n:
+            raise FmalibError(f"{where}: generator indices {offset}..{offset + n - 1} overlap the {split} split's "
+                              f"{lo}..{lo + size - 1}; expected an offset outside every split")
+
+
 def sample_ids(split: str, n: int) -> list[tuple[str, int]]:
     """(image id, generator index) pairs of a split."""
     return [(f"{split}_{i:05d}", SPLIT_OFFSET[split] + i) for i in range(n)]

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..cache import atomic_save_npz, atomic_write_bytes, load_npz, stable_hash
+from ..data.synthetic import check_outside_splits, split_sizes
 from ..errors import FmalibError
 from ..models import clip as C
 from ..params import Params, load_params, repo_root, validate
@@ -84,6 +85,7 @@ def pretrain_config(params: Params) -> dict:
         raise FmalibError(f"{where}: CLIP pretraining trains clip.model {C.TINY_CLIP}, not {params['clip']['model']!r}")
     cfg = params["foundation"]["clip"]
     validate(cfg, PRETRAIN_SCHEMA, where, "foundation.clip.")
+    check_outside_splits(cfg["pool_offset"], cfg["pool_size"], split_sizes(params), f"{where}: foundation.clip.pool_offset")
     if cfg["patch_loss"] not in PATCH_LOSSES:
         raise FmalibError(f"{where}: foundation.clip.patch_loss is {cfg['patch_loss']!r}; expected one of {PATCH_LOSSES}")
     return dict(cfg)

@@ -20,7 +20,8 @@ stuff, as the automatic generator's grid lands). From scratch, stuff points from
 constant per-point size prior for 400 steps, while object-only points localised within 40 (measured), so
 the first ``object_only_steps`` use objects only.
 
-Images are drawn on the fly from the benchmark generator (train index space, never val's), so the run is
+Images are drawn on the fly from the benchmark generator at indices from ``index_offset`` on, outside the
+train and val splits (the study's images never reach its frozen SAM), so the run is
 a pure function of (params, step): resuming from the last checkpoint gives the same bytes as a straight
 run. ``python -m fmalib.pretrain.sam --params params/toy.yaml``.
 """
@@ -45,6 +46,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm.auto import tqdm
 
 from ..cache import atomic_write_bytes, stable_hash
+from ..data.synthetic import check_outside_splits, split_sizes
 from ..errors import FmalibError
 from ..params import Params, load_params, validate
 from ..utils import seed_everything
@@ -56,6 +58,7 @@ PAD = 255  # region index of the padding outside the resized image
 # foundation.sam in the params (validated here: the top-level SCHEMA only says "a mapping")
 PRETRAIN_SCHEMA: dict[str, Any] = {
     "seed": int,
+    "index_offset": int,  # generator index of the first training image: outside the benchmark's train / val
     "steps": int,
     "batch_size": int,
     "points_per_image": int,
@@ -84,7 +87,10 @@ def pretrain_config(params: Params) -> dict:
     if params["sam"]["model_type"] != "fmalib_tiny":
         raise FmalibError(f"{params.path}: SAM pretraining trains sam.model_type fmalib_tiny, not {params['sam']['model_type']!r}")
     cfg = params["foundation"]["sam"]
-    validate(cfg, PRETRAIN_SCHEMA, str(params.path or "params"), "foundation.sam.")
+    where = str(params.path or "params")
+    validate(cfg, PRETRAIN_SCHEMA, where, "foundation.sam.")
+    check_outside_splits(cfg["index_offset"], cfg["steps"] * cfg["batch_size"], split_sizes(params),
+                         f"{where}: foundation.sam.index_offset")
     return dict(cfg)
 
 
@@ -277,9 +283,7 @@ def make_batch(params: Params, cfg: Mapping, step: int, size: int):
     rng = np.random.default_rng([seed, step, 1])
     images, points, parts, wholes, valid = [], [], [], [], []
     for j in range(cfg["batch_size"]):
-        index = step * cfg["batch_size"] + j  # train index space; val starts at 1,000,000
-        if index >= 1_000_000:
-            raise FmalibError("foundation.sam.steps × batch_size reaches the val index space (1,000,000)")
+        index = cfg["index_offset"] + step * cfg["batch_size"] + j  # outside the splits (pretrain_config)
         s = generate_sample(syn["seed"], index, sample_size(syn["seed"], index, size_range))
         reg = to_model_frame(s, size)
         pts = sample_points(reg, cfg["points_per_image"], rng, object_fraction(cfg, step))
