@@ -56,8 +56,12 @@ def build_report(out_dir: str | os.PathLike) -> Path:
     for path in executed:
         nb = nbformat.read(path, as_version=4)
         merged.cells.append(nbformat.v4.new_markdown_cell(f"---\n\n# {path.stem}"))
-        merged.cells.extend(c for c in nb.cells if "parameters" not in c.get("metadata", {}).get("tags", [])
-                            and "injected-parameters" not in c.get("metadata", {}).get("tags", []))
+        for cell in nb.cells:
+            if {"parameters", "injected-parameters"} & set(cell.get("metadata", {}).get("tags", [])):
+                continue
+            if cell.cell_type == "code":  # progress bars and logs are for the terminal, not the reader
+                cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+            merged.cells.append(cell)
     body, _ = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
                            exclude_output_prompt=True).from_notebook_node(merged)
     target = out / "report.html"

@@ -21,7 +21,8 @@ def study(tmp_path):
     nbs = tmp_path / "nbs"
     nbs.mkdir()
     _write_nb(nbs / "00_a.ipynb", "from fmalib.results import record\n"
-              "record(out_dir, '04_coarse_seeds', coarse_seed_miou=0.5)\nprint('made A')")
+              "record(out_dir, '04_coarse_seeds', coarse_seed_miou=0.5)\nprint('made A')\n"
+              "import sys; print('a progress log', file=sys.stderr)")
     _write_nb(nbs / "01_b.ipynb", "x = 1", "assert fast is False, 'fast mode reached the notebook'")
     params = tmp_path / "p.yaml"
     params.write_text("name: p\n")
@@ -51,6 +52,8 @@ def test_report_has_headline_and_outputs_without_code(study):
     html = build_report(out).read_text()
     assert "made A" in html and "Headline" in html
     assert "record(out_dir" not in html  # code cells are hidden
+    assert "a progress log" in (out / "00_a.ipynb").read_text()  # the executed copy keeps its logs
+    assert "a progress log" not in html  # the report does not
 
 
 def test_ordering_and_ablation_tables_read_recorded_results(tmp_path):
