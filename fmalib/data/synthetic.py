@@ -501,11 +501,11 @@ def split_sizes(params) -> dict[str, int]:
     return {"train": syn["n_train"], "val": syn["n_val"]}
 
 
-def check_outside_splits(offset: int, n: int, split_sizes: dict[str, int], where: str) -> None:
+def check_outside_splits(offset: int, n: int, sizes: dict[str, int], where: str) -> None:
     """Raise unless generator indices [offset, offset + n) miss every benchmark split's indices: the tiny
     foundation models pretrain on generated images, and any of the study's own images among them would leak
     its test data into its frozen models. ``where`` names the params file and key in the error."""
-    for split, size in split_sizes.items():
+    for split, size in sizes.items():
         lo = SPLIT_OFFSET[split]
         if offset < lo + size and lo < offset + n:
             raise FmalibError(f"{where}: generator indices {offset}..{offset + n - 1} overlap the {split} split's "
