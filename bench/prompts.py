@@ -128,7 +128,8 @@ def main() -> None:
     cls_run = train_prompts(params, "cls", model=model)
     res["train_cls"] = {"iters": len(cls_run.losses), "iters_per_s": cls_run.iters_per_s,
                         "loss_first10": float(np.mean(cls_run.losses[:10])),
-                        "loss_last10": float(np.mean(cls_run.losses[-10:])), "batch": params["prompts"]["batch_size"]}
+                        "loss_last10": float(np.mean(cls_run.losses[-10:])), "batch": params["prompts"]["batch_size"],
+                        "fg_similarity_first": cls_run.fg_similarity[0], "fg_similarity_last": cls_run.fg_similarity[-1]}
     val = open_dataset(params, params["data"]["val_split"])
     hand = build_prompts("hand", model, params)
     cls = load_context(build_prompts("cls", model, params), cls_run.context_path)
@@ -155,6 +156,9 @@ def main() -> None:
     }
     summary = {
         "map hand / cls": (res["classification_map"]["hand"]["map"], res["classification_map"]["cls"]["map"]),
+        "map vs bg hand / cls": (res["classification_map"]["hand"]["map_vs_bg"],
+                                 res["classification_map"]["cls"]["map_vs_bg"]),
+        "fg prompt cosine cls, first / last iter": (cls_run.fg_similarity[0], cls_run.fg_similarity[-1]),
         **{f"seed val mIoU {k} (no CAA / CAA)": (v["no_caa"]["val_miou"], v["caa"]["val_miou"]) for k, v in sm.items()},
         "train it/s cls / seg": (res["train_cls"]["iters_per_s"], res["train_seg"]["iters_per_s"]),
     }

@@ -197,26 +197,49 @@ def load_context(prompts: PromptSet, path: str | os.PathLike) -> PromptSet:
     return prompts
 
 
+def fg_similarity(features: torch.Tensor, n_fg: int) -> float:
+    """Mean cosine between distinct foreground prompts of (K, D) L2-normalised features (1.0: all alike).
+
+    The multi-label contrastive loss has no foreground negatives, so a shared context can lower it by
+    making every class prompt alike; this number shows that happening during training."""
+    fg = features[:n_fg].detach().float()
+    if n_fg < 2:
+        return float("nan")
+    sim = fg @ fg.T
+    return float((sim.sum() - sim.diagonal().sum()) / (n_fg * (n_fg - 1)))
+
+
 @torch.no_grad()
 def classification_map(model, prompts: PromptSet, dataset, limit: int | None = None, progress: bool = True) -> dict:
-    """Multi-label classification AP of S_k = cos(image, fg prompt k) over a split (METHOD §1 image embedding).
+    """Multi-label classification AP over a split (METHOD §1 image embedding), two scorings per class k:
 
-    {"map": mean over classes with a positive, "ap": {class name: AP}, "n_images": n}.
+    - ``map``: S_k = cos(image, fg prompt k), the zero-shot score;
+    - ``map_vs_bg``: S_k − log Σ_{bg j} e^{S_j} (S scaled by the logit scale), the log-odds of class k against
+      the background prompts — the quantity the contrastive loss trains, free of the image-wide offset that
+      raw cosines share.
+
+    {"map", "map_vs_bg": means over classes with a positive, "ap", "ap_vs_bg": {class name: AP}, "n_images"}.
     """
     from tqdm.auto import tqdm
 
     from .pretrain.clip_quality import average_precision, multi_hot, to_input
 
-    text = prompts()[: prompts.n_fg]
+    text = prompts()
+    scale = C.logit_scale(model).float()
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
     scores, labels = [], []
     for j in tqdm(range(n), desc="classification AP", disable=not progress, leave=False):
         item = dataset[j]
         emb = F.normalize(C.encode_image_tokens(model, to_input(model, item["image"])).image_embed.float(), dim=-1)
-        scores.append((emb @ text.T)[0].cpu().numpy())
+        scores.append((emb @ text.T)[0].cpu())
         labels.append(item["labels"])
-    scores = np.stack(scores)
+    cos = torch.stack(scores)
+    fg = cos[:, : prompts.n_fg]
+    vs_bg = scale * fg - torch.logsumexp(scale * cos[:, prompts.n_fg:], 1, keepdim=True) if prompts.n_bg else fg
     y = multi_hot(labels, prompts.n_fg)
-    ap = [average_precision(scores[:, k], y[:, k]) for k in range(prompts.n_fg)]
     names = list(getattr(dataset, "class_names", range(1, prompts.n_fg + 1)))
-    return {"map": float(np.nanmean(ap)), "ap": dict(zip(names, ap)), "n_images": n}
+    out = {"n_images": n}
+    for key, sc in (("", fg), ("_vs_bg", vs_bg)):
+        ap = [average_precision(sc[:, k].numpy(), y[:, k]) for k in range(prompts.n_fg)]
+        out[f"map{key}"], out[f"ap{key}"] = float(np.nanmean(ap)), dict(zip(names, ap))
+    return out

@@ -9,7 +9,8 @@ crop: colour jitter, rescale so the long side falls in ``long_side`` (short side
 crop, horizontal flip; seeds follow the geometry (nearest). Each iteration's batch and augmentation come
 from RNGs seeded by (seed, iteration), so a run resumed from its checkpoint gives the same bytes as an
 uninterrupted one. Output dir = workdir/prompts_<stage>/<key>: ``ckpt.pt`` (contexts + optimizer, every
-``ckpt_every`` iterations), ``context.pt`` (contexts only, when finished), ``loss.csv`` (per iteration).
+``ckpt_every`` iterations), ``context.pt`` (contexts only, when finished), ``loss.csv`` (per iteration: loss,
+lr, seconds and the mean cosine between foreground prompts, ``fmalib.prompts.fg_similarity``).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from .cache import StageCache, atomic_path, atomic_write_text
 from .errors import FmalibError
 from .losses import cam_activation_loss_pairs, multilabel_contrastive_loss
 from .models import clip as C
-from .prompts import PromptSet, build_prompts, load_context, save_context
+from .prompts import PromptSet, build_prompts, fg_similarity, load_context, save_context
 from .utils import get_device
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,7 @@ class TrainResult:
     losses: list = field(default_factory=list)
     lrs: list = field(default_factory=list)
     seconds: list = field(default_factory=list)  # wall time of each iteration
+    fg_similarity: list = field(default_factory=list)  # mean cosine between fg prompts after each iteration
 
     @property
     def iters_per_s(self) -> float:
@@ -279,18 +281,22 @@ class TrainResult:
         return float(len(t) / sum(t)) if t and sum(t) > 0 else float("nan")
 
 
-def _write_csv(path: Path, losses, lrs, seconds) -> None:
+CSV_FIELDS = ("losses", "lrs", "seconds", "fg_similarity")
+
+
+def _write_csv(path: Path, res: "TrainResult") -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["iter", "loss", "lr", "seconds"])
-    for i, row in enumerate(zip(losses, lrs, seconds)):
-        w.writerow([i, repr(float(row[0])), repr(float(row[1])), f"{row[2]:.6f}"])
+    w.writerow(["iter", "loss", "lr", "seconds", "fg_similarity"])
+    for i, row in enumerate(zip(res.losses, res.lrs, res.seconds, res.fg_similarity)):
+        w.writerow([i, repr(float(row[0])), repr(float(row[1])), f"{row[2]:.6f}", repr(float(row[3]))])
     atomic_write_text(path, buf.getvalue())
 
 
-def _read_csv(path: Path) -> tuple[list, list, list]:
+def _read_csv(path: Path, res: "TrainResult") -> None:
     rows = list(csv.DictReader(path.read_text().splitlines()))
-    return ([float(r["loss"]) for r in rows], [float(r["lr"]) for r in rows], [float(r["seconds"]) for r in rows])
+    for attr, col in zip(CSV_FIELDS, ("loss", "lr", "seconds", "fg_similarity")):
+        setattr(res, attr, [float(r.get(col) or "nan") for r in rows])  # runs logged before a column: NaN
 
 
 def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = None, model=None,
@@ -306,7 +312,7 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
     out = cache.dir
     res = TrainResult(stage, out, out / "context.pt", out / "loss.csv")
     if res.context_path.is_file() and res.csv_path.is_file():
-        res.losses, res.lrs, res.seconds = _read_csv(res.csv_path)
+        _read_csv(res.csv_path, res)
         log.info("%s prompts already trained: %s", stage, res.context_path)
         return res
 
@@ -327,7 +333,8 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
         if use_amp and blob.get("scaler"):
             scaler.load_state_dict(blob["scaler"])
         start = int(blob["iter"])
-        res.losses, res.lrs, res.seconds = list(blob["losses"]), list(blob["lrs"]), list(blob["seconds"])
+        for attr in CSV_FIELDS:
+            setattr(res, attr, list(blob.get(attr, [float("nan")] * start)))
         log.info("resuming %s prompt training at iteration %d from %s", stage, start, ckpt)
 
     ds = open_dataset(params, params["data"]["train_split"])
@@ -344,8 +351,8 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
         with atomic_path(ckpt) as tmp:
             torch.save({"state": prompts.context_state(), "optimizer": opt.state_dict(),
                         "scaler": scaler.state_dict() if use_amp else {}, "iter": it_done,
-                        "losses": res.losses, "lrs": res.lrs, "seconds": res.seconds}, tmp)
-        _write_csv(res.csv_path, res.losses, res.lrs, res.seconds)
+                        **{attr: getattr(res, attr) for attr in CSV_FIELDS}}, tmp)
+        _write_csv(res.csv_path, res)
 
     log.info("training %s prompts: iterations %d..%d of %d, batch %d, %s%s -> %s", stage, start, end, iters,
              batch, device, " + AMP" if use_amp else "", out)
@@ -367,6 +374,8 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        with torch.no_grad():
+            res.fg_similarity.append(fg_similarity(prompts(), prompts.n_fg))
         t1 = time.perf_counter()
         res.losses.append(float(loss.detach()))
         res.lrs.append(lr)
@@ -378,7 +387,7 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
             save_ckpt(it)
     if it >= iters:
         save_context(prompts, res.context_path, stage=stage, iters=iters)
-        _write_csv(res.csv_path, res.losses, res.lrs, res.seconds)
+        _write_csv(res.csv_path, res)
         log.info("%s prompts trained: %s (loss %.4f -> %.4f, %.2f it/s)", stage, res.context_path,
                  res.losses[0], res.losses[-1], res.iters_per_s)
     return res

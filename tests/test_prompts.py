@@ -6,7 +6,8 @@ import torch
 from fmalib.errors import FmalibError
 from fmalib.models.clip import get_tokenizer, load_clip, token_embedding
 from fmalib.params import load_params
-from fmalib.prompts import ClsPromptLearner, HandPrompts, SegPromptLearner, load_context, save_context
+from fmalib.prompts import (ClsPromptLearner, HandPrompts, SegPromptLearner, classification_map, fg_similarity,
+                            load_context, save_context)
 from fmalib.train import (augment, batch_indices, cls_batch_loss, lr_at, seg_batch_loss, train_prompts)
 
 NAMES = ["ball", "person with clothes,people,human", "boat"]
@@ -122,7 +123,9 @@ def test_training_lowers_loss_and_resumes_identically(tmp_path):
     res = train_prompts(params, "cls", progress=False)
     assert len(res.losses) == 20 and res.context_path.is_file() and res.csv_path.is_file()
     assert np.mean(res.losses[-5:]) < np.mean(res.losses[:5])
-    assert train_prompts(params, "cls", progress=False).losses == res.losses  # cached run is loaded
+    assert len(res.fg_similarity) == 20 and all(-1 <= v <= 1 for v in res.fg_similarity)
+    cached = train_prompts(params, "cls", progress=False)  # a finished run is loaded from loss.csv
+    assert cached.losses == res.losses and cached.fg_similarity == res.fg_similarity
     # an interrupted run resumed from its checkpoint gives the same contexts
     p2 = tiny_params(tmp_path, **{"prompts.cls.iters": 20, "prompts.cls.warmup_iters": 2,
                                   "prompts.cls.lr": 0.05, "workdir": str(tmp_path / "work2")})
@@ -130,9 +133,49 @@ def test_training_lowers_loss_and_resumes_identically(tmp_path):
     assert not part.context_path.is_file() and len(part.losses) == 7
     full = train_prompts(p2, "cls", progress=False)
     assert full.losses == pytest.approx(res.losses, abs=1e-6)
+    assert full.fg_similarity == pytest.approx(res.fg_similarity, abs=1e-6)
     a = torch.load(res.context_path, weights_only=True)["state"]["ctx"]
     b = torch.load(full.context_path, weights_only=True)["state"]["ctx"]
     assert torch.equal(a, b)
+
+
+class _Images:
+    class_names = NAMES
+
+    def __init__(self, n: int):
+        rng = np.random.default_rng(0)
+        self.items = [{"image": rng.integers(0, 256, (64, 48, 3), dtype=np.uint8), "labels": [1 + j % 3]}
+                      for j in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, j):
+        return self.items[j]
+
+
+def test_fg_similarity_and_map_against_background(tiny):
+    model, tok = tiny
+    assert fg_similarity(torch.nn.functional.normalize(torch.ones(4, 8), dim=-1), 3) == pytest.approx(1.0)
+    assert fg_similarity(torch.eye(4), 3) == pytest.approx(0.0)
+    from fmalib.models.clip import encode_image_tokens, logit_scale
+    from fmalib.pretrain.clip_quality import average_precision, to_input
+
+    data = _Images(9)
+    hand = HandPrompts(model, tok, NAMES, BG)
+    res = classification_map(model, hand, data, progress=False)
+    with torch.no_grad():
+        text = hand()
+        s = torch.cat([logit_scale(model) * torch.nn.functional.normalize(
+            encode_image_tokens(model, to_input(model, it["image"])).image_embed.float(), dim=-1) @ text.T
+            for it in data.items])
+    odds = s[:, :3] - torch.logsumexp(s[:, 3:], 1, keepdim=True)  # class vs the bg prompts
+    y = np.array([[c + 1 in it["labels"] for c in range(3)] for it in data.items])
+    want = [average_precision(odds[:, k].numpy(), y[:, k]) for k in range(3)]
+    assert list(res["ap_vs_bg"].values()) == pytest.approx(want, abs=1e-6)
+    assert res["map_vs_bg"] == pytest.approx(np.mean(want), abs=1e-6)
+    assert list(res["ap"].values()) == pytest.approx([average_precision(s[:, k].numpy(), y[:, k])
+                                                      for k in range(3)], abs=1e-6)
 
 
 def test_seg_training_reads_seed_maps(tmp_path):
