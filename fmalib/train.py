@@ -281,21 +281,22 @@ class TrainResult:
         return float(len(t) / sum(t)) if t and sum(t) > 0 else float("nan")
 
 
-CSV_FIELDS = ("losses", "lrs", "seconds", "fg_similarity")
+CSV_COLUMNS = {"loss": "losses", "lr": "lrs", "seconds": "seconds", "fg_similarity": "fg_similarity"}  # column: field
+CSV_FIELDS = tuple(CSV_COLUMNS.values())
 
 
 def _write_csv(path: Path, res: "TrainResult") -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["iter", "loss", "lr", "seconds", "fg_similarity"])
-    for i, row in enumerate(zip(res.losses, res.lrs, res.seconds, res.fg_similarity)):
-        w.writerow([i, repr(float(row[0])), repr(float(row[1])), f"{row[2]:.6f}", repr(float(row[3]))])
+    w.writerow(["iter", *CSV_COLUMNS])
+    for i, row in enumerate(zip(*(getattr(res, f) for f in CSV_FIELDS))):
+        w.writerow([i] + [f"{v:.6f}" if col == "seconds" else repr(float(v)) for col, v in zip(CSV_COLUMNS, row)])
     atomic_write_text(path, buf.getvalue())
 
 
 def _read_csv(path: Path, res: "TrainResult") -> None:
     rows = list(csv.DictReader(path.read_text().splitlines()))
-    for attr, col in zip(CSV_FIELDS, ("loss", "lr", "seconds", "fg_similarity")):
+    for col, attr in CSV_COLUMNS.items():
         setattr(res, attr, [float(r.get(col) or "nan") for r in rows])  # runs logged before a column: NaN
 
 
