@@ -6,12 +6,16 @@ stability score, boxes, crop-edge test, un-cropping), not on ``SamAutomaticMaskG
 * every point prompt gives SAM's three multimask outputs; the output index is the mask's **level**
   (0 subpart, 1 part, 2 whole) and stays with it;
 * whole masks get ``whole_iou_bonus`` (+0.1) on the predicted IoU compared with ``pred_iou_thresh`` and
-  ``whole_nms_bonus`` (+1.0) on the score of every box NMS, so they win ties against their parts;
+  ``whole_nms_bonus`` (+1.0) on the score of the within-crop box NMS, so they win ties against their parts
+  there; the cross-crop NMS (1 / crop area) and the NMS after small-region clean-up (1 unchanged, 0
+  changed) use SAM's stock scores, as the original (which overrides only the per-crop NMS score);
 * masks are run-length encoded only after the per-crop NMS (the stock generator encodes every candidate);
 * small disconnected islands / holes (< ``min_mask_region_area`` px) are removed with scipy (no OpenCV);
-* the **overlap filter** keeps every whole mask, then adds part masks, then subpart masks (each level by
-  decreasing predicted IoU) only if the largest fraction of the candidate covered by any single mask kept
-  so far is below ``overlap_thresh`` (0.3).
+* the **overlap filter** (the original's ``rock_sand_water``) runs level by level, each level as one batch:
+  every whole mask is kept; all part masks are then tested at once against the kept wholes, and all
+  subpart masks against the wholes + kept parts; a candidate stays if the largest fraction of it covered by
+  any single kept mask, |m ∩ k| / |m|, is below ``overlap_thresh`` (0.3). Masks of one level are never
+  tested against each other, so two overlapping parts can both stay.
 
 The result of one image is a ``MaskSet`` (pycocotools RLE strings + level + predicted IoU + stability),
 cached per image by ``run_mask_stage`` (resumable, shardable: ``python -m fmalib masks --shard i/n``).
@@ -43,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .cache import StageCache
 from .errors import FmalibError
-from .rle import MaskRuns, decode_count_buffer, encode_count_strings, pairwise_intersections
+from .rle import MaskRuns, decode_count_buffer, encode_count_strings
 
 log = logging.getLogger(__name__)
 
@@ -162,19 +166,28 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
     return np.isin(regions, keep_labels), True
 
 
-def overlap_filter(intersections: np.ndarray, areas: np.ndarray, levels: np.ndarray, scores: np.ndarray,
-                   thresh: float) -> np.ndarray:
-    """Indices (ascending) of the masks kept: every whole, then parts, then subparts (each by decreasing
-    score, ties by index) whose largest covered fraction by a single kept mask, |m ∩ k| / |m|, < thresh."""
+def overlap_filter(rles: Sequence[Mapping[str, Any]], levels: np.ndarray, thresh: float) -> np.ndarray:
+    """Indices (ascending) of the masks kept by the level-by-level overlap filter (module doc, METHOD §5).
+
+    ``rles``: pycocotools RLE dicts of the image's (non-empty) masks; ``levels`` (N,) 0/1/2. Every whole is
+    kept; then the parts, as one batch, are kept where max over kept k of |m ∩ k| / |m| < ``thresh``; then
+    the subparts, as one batch, against wholes + kept parts. pycocotools' ``iou`` with every "ground truth"
+    marked crowd computes exactly |dt ∩ gt| / |dt| (the candidate's own area)."""
+    from pycocotools import mask as mask_utils
+
     levels = np.asarray(levels)
+    if len(levels) != len(rles):
+        raise FmalibError(f"overlap_filter: {len(rles)} masks but {len(levels)} levels")
     kept = levels == WHOLE
     for level in (1, 0):
         cand = np.flatnonzero(levels == level)
-        cand = cand[np.lexsort((cand, -np.asarray(scores)[cand]))]
-        for c in cand:  # sequential by definition: an accepted part counts against the next ones
-            covered = intersections[c, kept].max(initial=0) / max(int(areas[c]), 1)
-            if covered < thresh:
-                kept[c] = True
+        ref = np.flatnonzero(kept)
+        if len(cand) == 0 or len(ref) == 0:  # nothing to be covered by: the whole level stays
+            kept[cand] = True
+            continue
+        covered = np.asarray(mask_utils.iou([rles[i] for i in cand], [rles[i] for i in ref],
+                                            [1] * len(ref))).reshape(len(cand), len(ref))
+        kept[cand[covered.max(axis=1) < thresh]] = True  # decided together: parts never test parts
     return np.flatnonzero(kept)
 
 
@@ -213,10 +226,7 @@ class MultiLevelMaskGenerator:
         raw = self.generate_unfiltered(image)
         if len(raw) == 0:
             return raw
-        runs = raw.runs()
-        keep = overlap_filter(pairwise_intersections(runs), runs.areas, raw.levels, raw.scores,
-                              self.cfg["overlap_thresh"])
-        return raw.select(keep)
+        return raw.select(overlap_filter(raw.rles(), raw.levels, self.cfg["overlap_thresh"]))
 
     @torch.no_grad()
     def generate_unfiltered(self, image: np.ndarray) -> MaskSet:
@@ -294,7 +304,8 @@ class MultiLevelMaskGenerator:
         return masks[inside], meta
 
     def _remove_small_regions(self, runs: MaskRuns, meta: dict):
-        """Clean each mask, then NMS again: whole masks first, then masks the cleaning left unchanged."""
+        """Clean each mask, then box NMS again with SAM's stock scores (``postprocess_small_regions``): 1 for
+        a mask the cleaning left unchanged, 0 for a changed one — no whole bonus here (METHOD §5)."""
         area = self.cfg["min_mask_region_area"]
         dense = runs.to_bool()
         unchanged = np.ones(runs.n, bool)
@@ -306,8 +317,7 @@ class MultiLevelMaskGenerator:
         masks = torch.from_numpy(dense)
         nonempty = masks.flatten(1).any(1).numpy()
         boxes = batched_mask_to_box(masks)
-        whole = (meta["levels"].cpu() == WHOLE).float()
-        score = self.cfg["whole_nms_bonus"] * whole + 0.5 * torch.from_numpy(unchanged).float()
+        score = torch.from_numpy(unchanged).float()
         keep = _box_nms(boxes, score, max(self.cfg["box_nms_thresh"], self.cfg["crop_nms_thresh"]))
         keep = np.sort(keep.numpy())
         keep = keep[nonempty[keep]]
@@ -471,9 +481,7 @@ def filter_effect(params, images: Sequence[np.ndarray], model=None):
     rows = []
     for i, image in enumerate(tqdm(images, desc="overlap filter effect", leave=False)):
         raw = generator.generate_unfiltered(image)
-        runs = raw.runs()
-        keep = overlap_filter(pairwise_intersections(runs), runs.areas, raw.levels, raw.scores,
-                              generator.cfg["overlap_thresh"]) if len(raw) else np.zeros(0, np.int64)
+        keep = overlap_filter(raw.rles(), raw.levels, generator.cfg["overlap_thresh"])
         for stage, levels in (("before", raw.levels), ("after", raw.levels[keep])):
             counts = np.bincount(levels, minlength=3)[:3]
             rows.append({"image": i, "filter": stage, **{n: int(c) for n, c in zip(LEVELS, counts)}})

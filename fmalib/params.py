@@ -210,6 +210,15 @@ def validate(tree: Mapping, schema: Mapping = SCHEMA, where: str = "params", pre
             validate(value, spec, where, dotted + ".")
 
 
+def _check_confident(sams: Mapping, where: str) -> None:
+    """The GT-free bg-power criterion needs sure fg above sure bg: swapped keys would silently score p on
+    the uncertain band instead."""
+    hi, lo = sams["confident_hi"], sams["confident_lo"]
+    if not (0.0 <= lo < hi <= 1.0):
+        raise FmalibError(f"{where}: keys sams.confident_hi = {hi!r} and sams.confident_lo = {lo!r}: expected "
+                          f"0 <= confident_lo < confident_hi <= 1 (swapped?)")
+
+
 def _apply_override(tree: dict, dotted: str, value: Any, where: str) -> None:
     parts = dotted.split(".")
     node = tree
@@ -242,6 +251,7 @@ def load_params(source: str | os.PathLike | Mapping, overrides: Mapping[str, Any
     for dotted, value in (overrides or {}).items():
         _apply_override(tree, dotted, value, where)
     validate(tree, SCHEMA, where)
+    _check_confident(tree["sams"], where)
     params = _wrap(tree)
     params.path = path
     return params

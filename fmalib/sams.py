@@ -1,21 +1,25 @@
 """SAMS: SAM-based seeding (METHOD §5) — CAMs of any method + SAM masks -> a pseudo-label map.
 
-For every mask m and present class c the score is the mean of ReLU(CAM_c) inside m; each class's scores are
-min-max normalised across the image's masks; a mask's background score is (1 - max_c score)^p; its label is
-the argmax over (background, classes) and its confidence that maximum. Masks are painted in ascending
-(level, confidence) order, later over earlier, so whole masks land last and, within a level, the surer
-mask wins; pixels no mask covers are background.
+In the original's order (FMA-WSSS ``anns_seed``: ``resize_cam_cuda`` then ``gather_norm_bg_argmax`` with
+``norm_first=True``): each present class's CAM is upsampled bilinearly (align_corners=False) to the image
+size as it is, raw, and ReLU is applied after; for every mask m and class c the score is the mean of that
+map inside m; each class's scores are min-max normalised across the image's masks as the original's
+``min_max_norm`` does, (s - min) / (max - min + 1e-7); a mask's background score is (1 - max_c score)^p;
+its label is the argmax over (background, classes) and its confidence that maximum. Masks are painted in
+ascending (level, confidence) order, later over earlier, so whole masks land last and, within a level, the
+surer mask wins; pixels no mask covers are background.
 
 Feeding CAMs from any method
 ----------------------------
 ``cam`` is a float array (K, h, w) with K = len(image_labels): channel i is the CAM of class
 ``image_labels[i]`` (fg ids 1..C, the dataset's ``labels`` order; absent classes are not passed). Values may
-have any scale or sign: ReLU is applied (on a coarser grid, at that grid, before resizing: the same for
-the non-negative CAMs of CLIP-ES and ``fmalib.cam``), and the per-class min-max normalisation makes the
-result invariant to scaling each class's CAM by a positive factor (CLIP-ES / Grad-CAM maps normalised to
-[0, 1] or raw, it does not matter). (h, w) is the image size of the masks or any other size, e.g. the
-patch grid: it is then resized bilinearly (align_corners=False). A method giving one map per class of the
-dataset, (C, h, w) in class-id order 1..C, is fed through ``present_cams(cam_all, image_labels)``::
+have any scale or sign: negative values are clipped by the ReLU *after* upsampling (so a negative patch
+pulls its bilinear neighbourhood down, as in the original). The per-class min-max makes the result
+invariant to scaling a class's CAM by a positive factor up to the 1e-7 (CLIP-ES / Grad-CAM maps normalised
+to [0, 1] or raw: the same seeds unless two classes' normalised scores come within ~1e-7 of each other).
+(h, w) is the image size of the masks or any other size, e.g. the patch grid. A method giving one map per
+class of the dataset, (C, h, w) in class-id order 1..C, is fed through ``present_cams(cam_all,
+image_labels)``::
 
     label_map, confidence = sams_seed(present_cams(cams, labels), masks, levels, labels, bg_power=0.6)
 
@@ -25,20 +29,27 @@ with values in {0} ∪ image_labels and ``confidence`` float32 (H, W), the paint
 no mask covers a pixel).
 
 Defined corner cases: ties in the label argmax go to background, then to the class listed first in
-``image_labels`` (the lower id, for the dataset's sorted labels); ties in
-(level, confidence) paint in mask-index order (the later index lands on top); a class whose scores do not
-vary across the masks (one mask, or a flat CAM) carries no localisation evidence and normalises to 0;
-empty masks are ignored; an image with no (non-empty) mask falls back to the same rule per pixel on the
+``image_labels`` (the lower id, for the dataset's sorted labels) — torch.argmax's first maximum, as the
+original; the 1e-7 is what breaks the tie between two classes peaking on the same mask (the one with the
+larger score span wins, as in the original, where a plain min-max would give both exactly 1); ties in
+(level, confidence) paint in mask-index order (the later index lands on top, the original's stable sort);
+a class whose scores do not vary across the masks (one mask, or a flat CAM) normalises to 0; empty masks are
+ignored; an image with no (non-empty) mask falls back to the same rule per pixel on the upsampled, ReLU'd
 CAMs normalised by their maximum — label = argmax(bg, CAM_c / max CAM_c) with bg = (1 - max_c)^p, i.e. a
-background threshold t with (1 - t)^p = t — with a logged warning, counted in ``stats["fallback"]``.
+background threshold t with (1 - t)^p = t — with a logged warning, counted in ``stats["fallback"]`` (the
+original crashes there). Scores are computed in float64 (the original: float32 on the GPU), so near-ties
+within float32 rounding may break differently.
 
 Speed: no per-mask Python loop. The masks stay run-length encoded (``fmalib.rle.MaskRuns``, decoded
 straight from the pycocotools strings of the mask cache). The masks × CAM product comes from the runs:
-for an image-size CAM, from column prefix sums of the CAM read at the run ends (one pass over the CAM);
-for a CAM on a coarser grid (CLIP's patch grid), without upsampling it at all — bilinear upsampling is
-separable, so a run's sum is two taps of the CAM upsampled along y only and accumulated down the grid's
-columns, (H + 1, w, K) numbers. Painting resolves the top mask of every elementary interval between run
-boundaries with XOR-accumulated bitsets (O(runs + pixels)). Nothing is ever (N, H, W) dense.
+for an image-size CAM, from column prefix sums of the CAM read at the run ends (one pass over the CAM).
+A CAM on a coarser grid (CLIP's patch grid) that is non-negative — fmalib's cached CAMs are ReLU'd and
+normalised — is never upsampled: the ReLU after upsampling is then the identity, and bilinear upsampling is
+linear and separable, so a run's sum is two taps of the CAM upsampled along y only and accumulated down the
+grid's columns, (H + 1, w, K) numbers — the same result. A coarse CAM with negative values breaks that
+linearity (ReLU of an interpolation is not the interpolation of ReLUs), so it is upsampled in full first.
+Painting resolves the top mask of every elementary interval between run boundaries with XOR-accumulated
+bitsets (O(runs + pixels)). Nothing is ever (N, H, W) dense.
 bench/sams.py: 100 masks, 500×375, 20 classes — see reports/bench/sams.json for the speed-up over the
 plain loop kept in tests/test_sams.py.
 
@@ -46,7 +57,8 @@ Choosing the background power p without ground truth
 ----------------------------------------------------
 ``choose_bg_power`` picks the p that maximises the *balanced agreement* of the SAMS labels with the pixels
 the CAMs themselves are sure about, on a sample of training images: confident-foreground pixels (the CAM
-of class c, normalised by its maximum, is the top class there and >= ``hi``) should get label c, and
+of class c, upsampled, ReLU'd and normalised by its maximum, is the top class there and >= ``hi``) should
+get label c, and
 confident-background pixels (every normalised CAM <= ``lo``) should get background; the criterion is the
 mean of the two hit rates, and on a plateau of equal values its middle p is taken. Raising p lowers every
 mask's background score, so masks turn foreground: the first rate rises and the second falls (up to
@@ -142,7 +154,8 @@ def _check_inputs(cam: np.ndarray, runs: MaskRuns, levels: np.ndarray, labels: n
 
 # --- mask × CAM scores ------------------------------------------------------------------------------------
 def column_prefix(cam: np.ndarray) -> np.ndarray:
-    """ReLU then exclusive cumulative sum down each column: (K, H, W) -> (K, H + 1, W) float32.
+    """ReLU then exclusive cumulative sum down each column: (K, H, W) -> (K, H + 1, W) float32 (the CAM is
+    at image size here, so this ReLU comes after any upsampling).
 
     A loop over rows adding (K, W) slices: numpy's cumsum along a non-last axis is several times slower.
     Column sums have at most H terms, so float32 keeps them to ~1e-5 relative; totals go to float64.
@@ -175,15 +188,18 @@ def _scores_full_resolution(cam: np.ndarray, runs: MaskRuns, iv: Intervals) -> n
 
 
 def _scores_projected(cam: np.ndarray, runs: MaskRuns) -> np.ndarray:
-    """Mask sums (K, N) of the bilinear upsampling U c of a (K, h, w) CAM to the masks' size, without
-    upsampling it: U = U_y ⊗ U_x is separable, so a run's piece in image column x (rows y0..y1) sums to
+    """Mask sums (K, N) of the bilinear upsampling U c of a NON-NEGATIVE (K, h, w) CAM to the masks' size
+    (then ReLU(U c) = U c: bilinear weights are >= 0), without upsampling it: U = U_y ⊗ U_x is separable, so a run's piece in image column x (rows y0..y1) sums to
     sum_b U_x[x, b] (A[y1, b] - A[y0, b]), where A = cumsum_y(U_y) c is the CAM upsampled along y only,
     accumulated down the grid's columns — (H + 1, w, K), small — and U_x[x] has two adjacent taps b, b + 1."""
     k, h, w = cam.shape
     big_h, big_w = runs.height, runs.width
     # float32 (sums of at most H terms, ~1e-6 relative); mask totals are float64 at the end
     cum_y = np.concatenate([np.zeros((1, h)), np.cumsum(interp_matrix(big_h, h), axis=0)]).astype(np.float32)
-    pos = np.maximum(cam, 0).transpose(1, 0, 2).reshape(h, k * w)
+    if cam.size and cam.min() < 0:
+        raise FmalibError("_scores_projected: a CAM with negative values (ReLU comes after upsampling; "
+                          "mask_cam_scores upsamples those in full)")
+    pos = cam.transpose(1, 0, 2).reshape(h, k * w)
     acc = np.zeros(((big_h + 1) * w + 1, k), np.float32)  # + a zero row: every row has a right neighbour
     acc[:-1] = (cum_y @ pos).reshape(big_h + 1, k, w).transpose(0, 2, 1).reshape(-1, k)
     pairs = np.lib.stride_tricks.as_strided(acc, (len(acc) - 1, 2, k), (acc.strides[0],) * 2 + (acc.strides[1],),
@@ -206,32 +222,43 @@ def _scores_projected(cam: np.ndarray, runs: MaskRuns) -> np.ndarray:
 
 
 def mask_cam_scores(cam: np.ndarray, runs: MaskRuns, intervals: Intervals | None = None) -> np.ndarray:
-    """Mean ReLU(CAM_c) inside every (non-empty) mask, the CAM bilinearly resized to the masks' size:
-    (N, K) float64 — the (masks × pixels) · (pixels × classes) product, from the runs.
+    """Mean of ReLU(U CAM_c) inside every (non-empty) mask, U the bilinear resize of the raw CAM to the
+    masks' size (upsample, then ReLU: the original's order): (N, K) float64 — the (masks × pixels) ·
+    (pixels × classes) product, from the runs.
 
-    An image-size CAM is summed from column prefix sums (one pass over the CAM); a smaller one (a patch
-    grid) is never upsampled: each mask is projected onto its grid instead (independent of the image size).
-    ReLU is applied at the CAM's own resolution (identical for CAMs that are already non-negative)."""
+    An image-size CAM is summed from column prefix sums (one pass over the CAM); a smaller, non-negative
+    one (a patch grid) is never upsampled: each mask is projected onto its grid instead (the same numbers:
+    ReLU is the identity on an interpolation of non-negative values); a smaller one with negative values is
+    upsampled in full, then ReLU'd and summed like an image-size CAM."""
     k = cam.shape[0]
     if runs.n == 0 or k == 0:
         return np.zeros((runs.n, k))
     areas = runs.areas
     if (areas == 0).any():
         raise FmalibError("mask_cam_scores: an empty mask (drop empty masks first)")
-    if cam.shape[1:] == (runs.height, runs.width):
-        sums = _scores_full_resolution(np.asarray(cam, np.float32), runs, intervals or Intervals.of(runs))
+    cam = np.asarray(cam, np.float32)
+    size = (runs.height, runs.width)
+    if cam.shape[1:] != size and cam.min() < 0:
+        cam = upsample_cams(cam, size)
+    if cam.shape[1:] == size:
+        sums = _scores_full_resolution(cam, runs, intervals or Intervals.of(runs))
     else:
-        sums = _scores_projected(np.asarray(cam, np.float32), runs)
+        sums = _scores_projected(cam, runs)
     return (sums / areas[None, :]).T
 
 
+MINMAX_EPS = 1e-7  # the original's min_max_norm: (s - min) / (max - min + eps)
+
+
 def normalize_scores(scores: np.ndarray) -> np.ndarray:
-    """Min-max normalise each class (column) across the masks; a constant column becomes 0."""
+    """Min-max normalise each class (column) across the masks as the original's ``min_max_norm(...,
+    thresh=0., eps=1e-7)``: ReLU (a no-op on means of ReLU'd maps), then (s - min) / (max - min + 1e-7) —
+    the top mask gets span / (span + 1e-7), a constant column 0."""
     if scores.shape[0] == 0:
         return scores.astype(np.float64)
+    scores = np.maximum(scores.astype(np.float64), 0.0)
     lo = scores.min(axis=0)
-    span = scores.max(axis=0) - lo
-    return np.where(span > 0, (scores - lo) / np.where(span > 0, span, 1.0), 0.0)
+    return (scores - lo) / (scores.max(axis=0) - lo + MINMAX_EPS)
 
 
 # --- labelling and painting -------------------------------------------------------------------------------
@@ -303,10 +330,19 @@ def fallback_cam_argmax(cam: np.ndarray, image_labels: np.ndarray, bg_power: flo
     return lut[idx], np.take_along_axis(table, idx[None], 0)[0].astype(np.float32)
 
 
+def check_confident(hi: float, lo: float) -> None:
+    """Sure foreground (>= hi) and sure background (<= lo) must leave a band between them: hi > lo."""
+    if not (0.0 <= lo < hi <= 1.0):
+        raise FmalibError(f"sams.confident_hi = {hi!r} and sams.confident_lo = {lo!r}: expected "
+                          f"0 <= confident_lo < confident_hi <= 1 (hi: sure-foreground level of the "
+                          f"max-normalised CAM, lo: sure-background level; swapped?)")
+
+
 def confident_pixels(cam: np.ndarray, image_labels: np.ndarray, hi: float, lo: float
                      ) -> tuple[np.ndarray, np.ndarray]:
     """The CAM's sure pixels, CAMs (ReLU) normalised by their max: (sure-fg map uint8 (H, W) holding the top
     class where its CAM >= hi and 0 elsewhere, sure-bg bool (H, W) where every CAM <= lo)."""
+    check_confident(hi, lo)
     pos = np.maximum(np.asarray(cam, np.float32), 0)
     peak = pos.reshape(len(pos), -1).max(axis=1) if pos.size else np.zeros(0, np.float32)
     norm = pos / np.where(peak > 0, peak, 1.0)[:, None, None]
@@ -343,6 +379,8 @@ def sams_prepare(cam: np.ndarray, masks, levels: Sequence[int], image_labels: Se
 
     ``image_size`` (H, W) is needed only for an empty RLE list; ``confident=(hi, lo)`` also keeps the CAM's
     confident pixels for ``choose_bg_power``."""
+    if confident is not None:
+        check_confident(*confident)
     labels = np.asarray(image_labels, np.int64).reshape(-1)
     levels = np.asarray(levels, np.int64).reshape(-1)
     runs = as_mask_runs(masks, *(image_size or (None, None)))

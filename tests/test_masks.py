@@ -1,4 +1,5 @@
-"""Multi-level SAM masks: RLE codec, level rules, overlap filter, cache, resumable sharded stage."""
+"""Multi-level SAM masks: RLE codec, level rules, overlap filter (vs a plain loop), small-region NMS, cache,
+resumable sharded stage."""
 from __future__ import annotations
 
 import numpy as np
@@ -73,34 +74,91 @@ def _rect(h, w, y0, y1, x0, x1):
     return m
 
 
-def test_overlap_filter_by_hand():
+def reference_overlap_filter(masks: np.ndarray, levels, thresh: float) -> list[int]:
+    """METHOD §5's filter read literally, on dense masks, pixel counts by numpy sums, one pair at a time."""
+    n = len(masks)
+    kept = [i for i in range(n) if levels[i] == 2]
+    for level in (1, 0):
+        against = list(kept)  # fixed before the level: candidates of one level never see each other
+        for i in range(n):
+            if levels[i] != level:
+                continue
+            worst = 0.0
+            for k in against:
+                worst = max(worst, np.logical_and(masks[i], masks[k]).sum() / masks[i].sum())
+            if worst < thresh:
+                kept.append(i)
+    return sorted(kept)
+
+
+def _filter(masks, levels, thresh=0.3):
+    rles = MaskRuns.from_bool(np.asarray(masks)).to_rles()
+    return overlap_filter(rles, np.asarray(levels), thresh).tolist()
+
+
+def test_overlap_filter_level_batches_by_hand():
     h, w = 20, 20
     masks = np.stack([
         _rect(h, w, 0, 10, 0, 20),  # 0 whole, top half
         _rect(h, w, 5, 15, 0, 20),  # 1 whole overlapping 0 by half: wholes are always kept
         _rect(h, w, 15, 20, 0, 10),  # 2 part, free: kept
-        _rect(h, w, 16, 20, 8, 20),  # 3 part: 8/48 in part 2, 40/48 in part 4
-        _rect(h, w, 14, 20, 10, 20),  # 4 part: 10/60 in whole 1, 40/60 in part 3
-        _rect(h, w, 17, 20, 0, 4),  # 5 subpart inside part 2: dropped (covered 100 %)
+        _rect(h, w, 16, 20, 8, 20),  # 3 part: 8/48 in part 2, 40/48 in part 4 -- parts ignore parts: kept
+        _rect(h, w, 14, 20, 10, 20),  # 4 part: 10/60 in whole 1, 40/60 in part 3 -- kept too
+        _rect(h, w, 17, 20, 0, 4),  # 5 subpart inside part 2: dropped by a kept part
         _rect(h, w, 0, 4, 0, 4),  # 6 subpart inside whole 0: dropped
         _rect(h, w, 18, 20, 0, 20),  # 7 subpart: 20/40 in part 2 -> dropped
+        _rect(h, w, 15, 16, 0, 10),  # 8 subpart, its own row, fully in part 2 -> dropped
     ])
-    levels = np.array([2, 2, 1, 1, 1, 0, 0, 0])
-    scores = np.array([0.9, 0.9, 0.95, 0.9, 0.99, 0.9, 0.9, 0.9])
-    runs = MaskRuns.from_bool(masks)
-    inter, areas = pairwise_intersections(runs), runs.areas
-    # part 4 has the best score, so it goes first: 10/60 in whole 1 -> kept; part 2 touches nothing kept ->
-    # kept; part 3 is 40/48 inside part 4 -> dropped
-    keep = overlap_filter(inter, areas, levels, scores, 0.3)
-    assert keep.tolist() == [0, 1, 2, 4]
-    # with part 4 scored lowest, parts 2 and 3 go first and part 4 is dropped
-    keep = overlap_filter(inter, areas, levels, np.array([0.9, 0.9, 0.95, 0.9, 0.1, 0.9, 0.9, 0.9]), 0.3)
-    assert keep.tolist() == [0, 1, 2, 3]
+    levels = [2, 2, 1, 1, 1, 0, 0, 0, 0]
+    assert _filter(masks, levels) == [0, 1, 2, 3, 4] == reference_overlap_filter(masks, levels, 0.3)
+    # two parts overlapping each other almost fully both survive (a sequential filter keeps only one)
+    two = np.stack([_rect(10, 10, 0, 5, 0, 10), _rect(10, 10, 0, 5, 0, 9), _rect(10, 10, 6, 10, 0, 10)])
+    assert _filter(two, [1, 1, 2]) == [0, 1, 2]
+    # a part dropped by a whole does not count against the subparts; a kept part does
+    m = np.stack([_rect(12, 12, 0, 6, 0, 12),  # 0 whole, top
+                  _rect(12, 12, 0, 8, 0, 6),  # 1 part: 36/48 in whole 0 -> dropped
+                  _rect(12, 12, 6, 12, 6, 12),  # 2 part, bottom right: free -> kept
+                  _rect(12, 12, 6, 8, 0, 6),  # 3 subpart only inside the dropped part 1 -> kept
+                  _rect(12, 12, 8, 12, 6, 12)])  # 4 subpart inside the kept part 2 -> dropped
+    assert _filter(m, [2, 1, 1, 0, 0]) == [0, 2, 3] == reference_overlap_filter(m, [2, 1, 1, 0, 0], 0.3)
     # the threshold is strict: a part exactly 30 % covered is dropped
     m = np.stack([_rect(10, 10, 0, 3, 0, 10), _rect(10, 10, 0, 10, 0, 10)])
-    r = MaskRuns.from_bool(m)
-    assert overlap_filter(pairwise_intersections(r), r.areas, np.array([2, 1]), np.ones(2), 0.3).tolist() == [0]
-    assert overlap_filter(pairwise_intersections(r), r.areas, np.array([2, 1]), np.ones(2), 0.31).tolist() == [0, 1]
+    assert _filter(m, [2, 1], 0.3) == [0] and _filter(m, [2, 1], 0.31) == [0, 1]
+    # no wholes: every part stays (nothing to be covered by); subparts then test against the parts
+    m = np.stack([_rect(8, 8, 0, 8, 0, 4), _rect(8, 8, 0, 8, 2, 8), _rect(8, 8, 0, 2, 0, 2)])
+    assert _filter(m, [1, 1, 0]) == [0, 1]
+    assert _filter(m[:0], []) == []
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_overlap_filter_equals_reference_loop(seed):
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(8, 30)), int(rng.integers(8, 30))
+    masks = blobs(rng, int(rng.integers(3, 16)), h, w)  # a full mask, a random-pixel one, ellipses
+    masks = masks[masks.reshape(len(masks), -1).any(1)]  # SAM gives no empty mask
+    levels = rng.integers(0, 3, len(masks))
+    for thresh in (0.1, 0.3, 0.6):
+        assert _filter(masks, levels, thresh) == reference_overlap_filter(masks, levels, thresh)
+
+
+def test_small_region_nms_uses_stock_scores():
+    """After the clean-up, box NMS prefers unchanged masks (score 1) over changed ones (0), whatever their
+    level: the whole bonus belongs to the per-crop NMS only."""
+    gen = fm.MultiLevelMaskGenerator.__new__(fm.MultiLevelMaskGenerator)
+    gen.cfg = {"min_mask_region_area": 4, "box_nms_thresh": 0.7, "crop_nms_thresh": 0.7, "whole_nms_bonus": 1.0}
+    whole = _rect(16, 16, 2, 14, 2, 14)
+    whole[7, 7] = False  # a 1-px hole: the cleaning changes the whole
+    part = _rect(16, 16, 2, 14, 2, 13)  # the same box but one column: unchanged
+    far = _rect(16, 16, 0, 2, 0, 2)  # elsewhere: kept either way
+    runs = MaskRuns.from_bool(np.stack([whole, part, far]))
+    meta = {"levels": torch.tensor([2, 1, 0]), "iou_preds": torch.tensor([0.9, 0.95, 0.9]),
+            "stability": torch.ones(3), "boxes": torch.zeros(3, 4), "crop_boxes": torch.zeros(3, 4)}
+    new_runs, new_meta = gen._remove_small_regions(runs, meta)
+    assert new_meta["levels"].tolist() == [1, 0]
+    np.testing.assert_array_equal(new_runs.to_bool(), np.stack([part, far]))
+    # both unchanged: a tie on score, NMS keeps one of the two (torchvision's order), never both
+    runs = MaskRuns.from_bool(np.stack([_rect(16, 16, 2, 14, 2, 14), part, far]))
+    assert len(gen._remove_small_regions(runs, meta)[1]["levels"]) == 2
 
 
 def test_whole_bonuses():
@@ -234,9 +292,12 @@ def test_generator_levels_bonuses_and_filter_with_a_scripted_decoder(one_thread)
     assert (kept.levels == 2).sum() == (raw.levels == 2).sum() and len(kept) < len(raw)
     runs = kept.runs()
     inter, areas = pairwise_intersections(runs), runs.areas
-    for i in np.flatnonzero(kept.levels < 2):
-        others = np.flatnonzero(kept.levels == 2)
+    for i in np.flatnonzero(kept.levels < 2):  # parts vs wholes, subparts vs wholes + kept parts
+        others = np.flatnonzero(kept.levels > kept.levels[i])
         assert (inter[i, others] / areas[i]).max(initial=0) < 0.3
+    dense = raw.to_bool()
+    want = reference_overlap_filter(dense, raw.levels, 0.3)
+    np.testing.assert_array_equal(kept.to_bool(), dense[want])
     # one crop layer: crops are prompted too and their masks come back in image coordinates
     crops = _scripted_generator((3, 6, 9), (0.95, 0.95, 0.95), crop_n_layers=1).generate_unfiltered(image)
     assert len(crops) > 0 and crops.to_bool().shape == (len(crops), 96, 112)

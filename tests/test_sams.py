@@ -23,10 +23,19 @@ from fmalib.sams import (
 )
 
 
+def reference_upsample_relu(cam, size):
+    """The original's order: ``F.interpolate`` (bilinear, align_corners=False) of the raw CAM, then ReLU."""
+    cam = torch.as_tensor(np.asarray(cam, np.float32))
+    if tuple(cam.shape[1:]) != tuple(size):
+        cam = F.interpolate(cam[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return torch.clamp(cam, min=0).numpy()
+
+
 def reference_sams(cam, masks, levels, image_labels, bg_power):
-    """METHOD §5 read literally: one mask at a time (kept as the oracle and as bench/sams.py's baseline)."""
-    cam = np.maximum(np.asarray(cam, np.float32), 0)
+    """METHOD §5 read literally, one mask at a time, with the original's min_max_norm (+1e-7 on the span);
+    ``cam`` at any size (kept as the oracle and as bench/sams.py's baseline)."""
     n, h, w = masks.shape
+    cam = reference_upsample_relu(cam, (h, w))
     k = len(image_labels)
     keep = [i for i in range(n) if masks[i].any()]
     if not keep:  # fallback: the same rule per pixel on max-normalised CAMs
@@ -42,7 +51,7 @@ def reference_sams(cam, masks, levels, image_labels, bg_power):
             scores[j, c] = cam[c][masks[i]].astype(np.float64).sum() / masks[i].sum()
     for c in range(k):
         lo, hi = scores[:, c].min(), scores[:, c].max()
-        scores[:, c] = (scores[:, c] - lo) / (hi - lo) if hi > lo else 0.0
+        scores[:, c] = (scores[:, c] - lo) / (hi - lo + 1e-7)
     bg = (1.0 - scores.max(axis=1, initial=0.0)) ** bg_power
     labels, confs = [], []
     for j in range(len(keep)):
@@ -124,7 +133,7 @@ def test_ties_and_painting_order_by_hand():
     label, conf = sams_seed(cam, masks, levels, [3, 5], bg_power=1.0)
     # wholes (level 2) land last and cover everything
     np.testing.assert_array_equal(label, np.where(np.arange(4) < 2, 3, 5)[None].repeat(4, 0))
-    assert (conf == 1).all()
+    assert (conf == np.float32(1 / (1 + 1e-7))).all()  # the original's +1e-7 on the span
     # a mask whose two normalised class scores tie at 1 -> the lower class id wins (a second mask on the
     # CAM-free corner makes the scores vary)
     cam2 = np.ones((2, 4, 4), np.float32)
@@ -168,17 +177,22 @@ def test_no_masks_falls_back_to_cam_argmax_and_counts():
 def test_cam_scale_invariance_and_upsampling():
     rng = np.random.default_rng(11)
     cam, masks, levels, labels = random_case(rng, 8, 16, 20, 3)
-    base = sams_seed(cam, masks, levels, labels, 0.8)[0]
-    scaled = cam * np.array([2.0, 0.5, 4.0], np.float32)[:, None, None]  # positive per-class factors
+    # invariant to positive per-class factors up to the 1e-7, i.e. where no two classes tie exactly (the
+    # dyadic case has exact ties, which the 1e-7 breaks by span; a continuous CAM has none)
+    smooth = rng.random(cam.shape).astype(np.float32)
+    base = sams_seed(smooth, masks, levels, labels, 0.8)[0]
+    scaled = smooth * np.array([2.0, 0.5, 4.0], np.float32)[:, None, None]
     np.testing.assert_array_equal(sams_seed(scaled, masks, levels, labels, 0.8)[0], base)
-    # a patch-grid CAM is never upsampled (masks are projected onto its grid) yet gives the seed of its
-    # bilinear upsampling; dyadic values and a factor of 4 keep every sum exact
+    np.testing.assert_array_equal(sams_seed(scaled, masks, levels, labels, 0.8)[0],
+                                  reference_sams(scaled, masks, levels, labels, 0.8)[0])
+    # a non-negative patch-grid CAM is never upsampled (masks are projected onto its grid) yet gives the
+    # seed of its bilinear upsampling; dyadic values and a factor of 4 keep every sum exact
     low = np.maximum(cam[:, ::4, ::4], 0)
     up = upsample_cams(low, (16, 20))
     torch_up = F.interpolate(torch.from_numpy(low)[None], size=(16, 20), mode="bilinear", align_corners=False)
     np.testing.assert_allclose(up, torch_up[0].numpy(), atol=1e-6)
     for p in (0.5, 1.0):
-        want = reference_sams(up, masks, levels, labels, p)
+        want = reference_sams(low, masks, levels, labels, p)
         got = sams_seed(low, masks, levels, labels, p)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
@@ -197,6 +211,85 @@ def test_projected_scores_match_dense_product_any_grid(seed):
     runs = MaskRuns.from_bool(masks)
     np.testing.assert_allclose(mask_cam_scores(low, runs), dense, rtol=1e-5)
     np.testing.assert_allclose(mask_cam_scores(up.astype(np.float32), runs), dense, rtol=1e-5)
+
+
+def _negative_grid_case(seed):
+    """A 4x4 grid CAM with negative patches next to positive ones, upsampled x4 (dyadic: exact sums)."""
+    rng = np.random.default_rng(seed)
+    low = (rng.integers(-8, 5, size=(3, 4, 4)) / 4).astype(np.float32)
+    low[0, 0, 0], low[1, 3, 3] = 1.0, 1.0  # every class has some positive evidence
+    cam, masks, levels, labels = random_case(rng, 10, 16, 16, 3)
+    return low, masks, levels, labels
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_negative_grid_cam_is_upsampled_then_relud(seed):
+    low, masks, levels, labels = _negative_grid_case(seed)
+    nonempty = masks.reshape(len(masks), -1).any(1)
+    runs = MaskRuns.from_bool(masks[nonempty])
+    flat = masks[nonempty].reshape(nonempty.sum(), -1).astype(np.float64)
+    up_relu = reference_upsample_relu(low, (16, 16)).reshape(3, -1).astype(np.float64)
+    relu_up = F.interpolate(torch.from_numpy(np.maximum(low, 0))[None], size=(16, 16), mode="bilinear",
+                            align_corners=False)[0].numpy().reshape(3, -1)
+    want = flat @ up_relu.T / flat.sum(1)[:, None]
+    wrong = flat @ relu_up.T / flat.sum(1)[:, None]
+    assert np.abs(want - wrong).max() > 0.01  # the case tells the two orders apart
+    np.testing.assert_array_equal(mask_cam_scores(low, runs), want)
+    for p in (0.5, 1.0, 3.0):
+        got = sams_seed(low, masks, levels, labels, p)
+        ref = reference_sams(low, masks, levels, labels, p)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+    # the same numbers as handing SAMS the CAM already upsampled (raw) to image size
+    up_raw = F.interpolate(torch.from_numpy(low)[None], size=(16, 16), mode="bilinear",
+                           align_corners=False)[0].numpy()
+    np.testing.assert_array_equal(sams_seed(up_raw, masks, levels, labels, 0.7)[0],
+                                  sams_seed(low, masks, levels, labels, 0.7)[0])
+
+
+def test_orders_differ_on_the_seed_by_hand():
+    # class 1 is positive on the left patch column and negative on the right one (2 x 2 -> 8 x 8): the
+    # strip right of the middle reads -0.25, -0.75 upsampled raw -> ReLU 0, but 0.375, 0.125 if ReLU came
+    # first; with p = 6 that strip is background in the original's order and class 1 in the other
+    low = np.array([[[1.0, -1.0], [1.0, -1.0]]], np.float32)
+    masks = np.zeros((3, 8, 8), bool)
+    masks[0, :, :2] = True  # the left edge: 1, 1
+    masks[1, :, 4:6] = True  # right of the middle
+    masks[2, :, 6:] = True  # the right edge: -1, -1 either way 0
+    np.testing.assert_array_equal(mask_cam_scores(low, MaskRuns.from_bool(masks))[:, 0], [1.0, 0.0, 0.0])
+    label, _ = sams_seed(low, masks, [2, 2, 2], [1], bg_power=6.0)
+    np.testing.assert_array_equal(label, reference_sams(low, masks, [2, 2, 2], np.array([1]), 6.0)[0])
+    assert (label[masks[0]] == 1).all() and (label[masks[1]] == 0).all()
+    relu_first = upsample_cams(np.maximum(low, 0), (8, 8))
+    wrong, _ = reference_sams(relu_first, masks, [2, 2, 2], np.array([1]), 6.0)
+    assert (wrong[masks[1]] == 1).all()  # the other order would label the strip
+
+
+def test_minmax_eps_breaks_class_ties_like_the_original():
+    # both classes peak on mask 0, class 5 with a larger span: a plain min-max gives both exactly 1 (the
+    # lower id, class 3, would win); the original's (s - min) / (max - min + 1e-7) gives class 5
+    cam = np.zeros((2, 4, 4), np.float32)
+    cam[0, :2] = 0.25  # class 3: 0.25 on mask 0, 0 on mask 1 -> span 0.25
+    cam[1, :2] = 1.0  # class 5: span 1
+    masks = np.zeros((2, 4, 4), bool)
+    masks[0, :2] = True
+    masks[1, 2:] = True
+    label, conf = sams_seed(cam, masks, [2, 2], [3, 5], bg_power=1.0)
+    assert (label[:2] == 5).all() and (label[2:] == 0).all()
+    assert conf[0, 0] == np.float32(1 / (1 + 1e-7))
+    np.testing.assert_array_equal(label, reference_sams(cam, masks, [2, 2], np.array([3, 5]), 1.0)[0])
+    # the eps also leaves the top mask a background score > 0: (1e-7 / (span + 1e-7)) ** p
+    image = sams_prepare(cam, masks, [2, 2], [3, 5])
+    assert image.norm_scores[0].tolist() == [0.25 / (0.25 + 1e-7), 1 / (1 + 1e-7)]
+
+
+def test_swapped_confident_levels_are_rejected():
+    cam = np.ones((1, 4, 4), np.float32)
+    masks = np.ones((1, 4, 4), bool)
+    for hi, lo in ((0.1, 0.9), (0.5, 0.5)):
+        with pytest.raises(FmalibError, match=r"confident_hi.*confident_lo"):
+            sams_prepare(cam, masks, [2], [1], confident=(hi, lo))
+    assert sams_prepare(cam, masks, [2], [1], confident=(0.9, 0.1)).confident is not None
 
 
 def test_bad_inputs_raise_one_clear_error():

@@ -75,3 +75,17 @@ def test_make_seeds_needs_the_masks(setup):
         make_seeds(params, "train", 42)
     with pytest.raises(FmalibError, match="stage"):
         make_seeds(params, "train", cams.__getitem__, "medium")
+
+
+def test_params_reject_swapped_confident_levels(setup):
+    """Swapped sams.confident_hi / confident_lo would score p on the uncertain band: both the params and the
+    seeding stage refuse them, naming both keys."""
+    params, ds, cams = setup
+    for hi, lo in ((0.1, 0.9), (0.5, 0.5)):
+        with pytest.raises(FmalibError, match=r"sams\.confident_hi.*sams\.confident_lo"):
+            load_params(dict(params), {"sams.confident_hi": hi, "sams.confident_lo": lo})
+    # a params object edited after validation is still caught when "auto" needs the levels
+    bad = load_params(dict(params))
+    bad["sams"]["confident_hi"], bad["sams"]["confident_lo"] = 0.1, 0.9
+    with pytest.raises(FmalibError, match=r"confident_hi.*confident_lo"):
+        make_seeds(bad, "train", cams.__getitem__, "fine")
