@@ -1,7 +1,8 @@
 """Grad-CAM on CLIP with class-aware attention refinement (METHOD §4, CLIP-ES), its per-image cache, and
 CAM-argmax seeds.
 
-- ``gradcam``: the target is the token sequence entering the last vision block. Only that block and the
+- ``gradcam``: the target activation is the output of the last vision block's ``ln_1`` (``cam.target_layer:
+  ln1_out``, the original's) or the tokens entering that block (``block_input``). Only that block and the
   head (ln_post, proj, patch mean) are replayed, once per (image, class) pair in one batch, so one backward
   gives every pair's gradients; channel weights = gradients averaged over the patch tokens. Raw (no ReLU):
   the seg-prompt loss needs the sign; inference applies ReLU.
@@ -39,44 +40,46 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ Grad-CAM
 
-def last_block_embed(model, block_input: torch.Tensor) -> torch.Tensor:
-    """(P, 1+h*w, W) tokens entering the last block -> (P, D) image embeddings (METHOD §1: patch mean)."""
-    v = model.visual
-    x = v.transformer.resblocks[-1](block_input)
-    tokens = v.ln_post(x[:, 1:])
-    if v.proj is not None:
-        tokens = tokens @ v.proj
-    return tokens.mean(dim=1)
-
-
 def gradcam(model, block_input: torch.Tensor, grid: tuple[int, int], text: torch.Tensor, pair_image: torch.Tensor,
             pair_class: torch.Tensor, allowed: torch.Tensor | None = None, target: str = "prob",
-            create_graph: bool = False) -> torch.Tensor:
+            create_graph: bool = False, target_layer: str = "ln1_out") -> torch.Tensor:
     """Raw Grad-CAMs (P, h, w), one per (image, class) pair.
 
-    block_input (B, 1+h*w, W) (its graph, if any, is cut: CLIP is frozen); text (K, D) L2-normalised prompt
-    features; pair_class indexes rows of ``text``; allowed (B, K) bool: the prompts in image b's softmax
-    (present fg classes + bg prompts; all when None). target "prob" backprops the softmax probability,
-    "score" the scaled cosine. ``create_graph`` keeps the CAMs differentiable w.r.t. ``text``.
+    block_input (B, 1+h*w, W) tokens entering the last block (its graph, if any, is cut: CLIP is frozen);
+    text (K, D) L2-normalised prompt features; pair_class indexes rows of ``text``; allowed (B, K) bool: the
+    prompts in image b's softmax (present fg classes + bg prompts; all when None). target "prob" backprops
+    the softmax probability, "score" the scaled cosine. ``target_layer`` is the activation A whose gradients
+    weight its channels: ``ln1_out`` — the output of the last block's ``ln_1`` (the original's, as CLIP-ES) —
+    or ``block_input``, the residual tokens entering that block. CAM = Σ_ch mean_tokens(∂y/∂A) · A over the
+    patch tokens. A is detached, so with ``create_graph`` (seg-prompt training) the CAMs are differentiable
+    w.r.t. ``text`` through the Grad-CAM weights only (double backward).
     """
     if target not in ("prob", "score"):
         raise FmalibError(f"params cam.target={target!r}; expected 'prob' or 'score'")
+    if target_layer not in C.GRADCAM_TARGETS:
+        raise FmalibError(f"params cam.target_layer={target_layer!r}; expected one of {C.GRADCAM_TARGETS}")
     pair_image, pair_class = pair_image.long(), pair_class.long()
     h, w = grid
     # double backward (create_graph) needs the composite attention: fused SDPA kernels have no 2nd derivative
     attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext()
     with torch.enable_grad(), attention:
-        x = block_input.detach()[pair_image].requires_grad_(True)
-        emb = F.normalize(last_block_embed(model, x).float(), dim=-1)
+        x = block_input.detach()[pair_image]
+        if target_layer == "ln1_out":
+            act = model.visual.transformer.resblocks[-1].ln_1(x).detach().requires_grad_(True)
+            emb = C.last_block_embed(model, x, ln1_out=act)
+        else:
+            act = x.requires_grad_(True)
+            emb = C.last_block_embed(model, act)
+        emb = F.normalize(emb.float(), dim=-1)
         logits = C.logit_scale(model).float() * emb @ text.float().T
         if target == "prob":
             if allowed is not None:
                 logits = logits.masked_fill(~allowed.bool()[pair_image], float("-inf"))
             logits = logits.softmax(dim=-1)
         score = logits.gather(1, pair_class[:, None]).sum()  # pairs are independent rows: one backward
-        (grad,) = torch.autograd.grad(score, x, create_graph=create_graph)
+        (grad,) = torch.autograd.grad(score, act, create_graph=create_graph)
     weights = grad[:, 1:].float().mean(dim=1)  # (P, W)
-    cam = torch.einsum("pnc,pc->pn", x.detach()[:, 1:].float(), weights)
+    cam = torch.einsum("pnc,pc->pn", act.detach()[:, 1:].float(), weights)
     return cam.reshape(-1, h, w)
 
 
@@ -127,25 +130,37 @@ def box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
     return out
 
 
-def caa_refine(cams: torch.Tensor, affinity: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(K, h, w) normalised CAMs -> refined, re-normalised CAMs: affinity @ (CAM restricted to its boxes)."""
+CAA_SOURCES = ("normalized", "raw")
+
+
+def caa_refine(cams: torch.Tensor, affinity: torch.Tensor, threshold: float,
+               source: torch.Tensor | None = None) -> torch.Tensor:
+    """(K, h, w) normalised CAMs -> refined CAMs: affinity @ (CAM restricted to its boxes), then ReLU and
+    min-max.
+
+    The boxes always come from the normalised ``cams``; the map propagated is ``source`` when given (the
+    original propagates the raw Grad-CAM for seg prompts) and the normalised CAMs otherwise (cls prompts).
+    """
     k, h, w = cams.shape
     masks = torch.from_numpy(np.stack([box_mask(c, threshold) for c in cams.detach().cpu().numpy()])
                              if k else np.zeros((0, h, w), bool)).to(cams.device)
-    src = (cams * masks).reshape(k, h * w).float()
+    src = ((cams if source is None else source) * masks).reshape(k, h * w).float()
     refined = (src @ affinity.T).reshape(k, h, w)
-    return normalize_cams(refined) if k else refined
+    return normalize_cams(refined.clamp(min=0)) if k else refined
 
 
 # ------------------------------------------------------------------------------------------------ inference
 
 def image_cams(model, text: torch.Tensor, n_fg: int, image: np.ndarray, labels: Sequence[int], cfg,
-               threshold: float) -> dict[str, np.ndarray]:
+               threshold: float, caa_source: str = "normalized") -> dict[str, np.ndarray]:
     """CAMs of one uint8 image for its present fg ids ``labels`` (1..C) at single scale.
 
-    text (n_fg + n_bg, D): fg prompts then bg prompts. cfg: params.cam (target, caa_last_k, sinkhorn_iters).
+    text (n_fg + n_bg, D): fg prompts then bg prompts. cfg: params.cam (target, target_layer, caa_last_k,
+    sinkhorn_iters). ``caa_source``: the map CAA propagates — ``normalized`` (ReLU + min-max) or ``raw``.
     Returns float32 ``cam`` (ReLU, min-max) and ``cam_caa`` (refined), both (K, h, w), and ``labels``.
     """
+    if caa_source not in CAA_SOURCES:
+        raise FmalibError(f"params cam.caa_source={caa_source!r}; expected one of {CAA_SOURCES}")
     labels = np.asarray(labels, np.int64)
     x = to_input(model, image)
     n_blocks = len(model.visual.transformer.resblocks)
@@ -160,9 +175,11 @@ def image_cams(model, text: torch.Tensor, n_fg: int, image: np.ndarray, labels: 
     allowed[0, :n_fg] = False
     allowed[0, torch.as_tensor(labels - 1, device=text.device)] = True
     idx = torch.as_tensor(labels - 1, device=text.device)
-    raw = gradcam(model, out.block_input, out.grid, text, torch.zeros_like(idx), idx, allowed, cfg["target"])
+    raw = gradcam(model, out.block_input, out.grid, text, torch.zeros_like(idx), idx, allowed, cfg["target"],
+                  target_layer=cfg["target_layer"])
     cam = normalize_cams(raw.clamp(min=0))
-    refined = caa_refine(cam, caa_affinity([a[0] for a in out.attn], cfg["sinkhorn_iters"]), threshold)
+    refined = caa_refine(cam, caa_affinity([a[0] for a in out.attn], cfg["sinkhorn_iters"]), threshold,
+                         raw if caa_source == "raw" else None)
     return {"labels": labels, "cam": cam.cpu().numpy().astype(np.float32),
             "cam_caa": refined.cpu().numpy().astype(np.float32)}
 
@@ -173,7 +190,8 @@ def cam_cache(params, split: str, kind: str, ctx_path: str | Path | None = None)
 
     cam = params["cam"]  # only what changes the maps (not use_caa / bg_thresholds, which act downstream)
     cfg = {"target": cam["target"], "caa_last_k": cam["caa_last_k"], "sinkhorn_iters": cam["sinkhorn_iters"],
-           "caa_threshold": cam["caa_threshold"][kind]}
+           "caa_threshold": cam["caa_threshold"][kind], "target_layer": cam["target_layer"],
+           "caa_source": cam["caa_source"][kind]}
     key = {"split": split, "kind": kind, "cam": cfg, "classes": params["classes"], "clip": clip_key(params),
            "data": params["data"], "template": params["prompts"]["hand_template"] if kind == "hand" else None,
            "ctx": file_fingerprint(ctx_path) if ctx_path else None}
@@ -213,7 +231,8 @@ def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, in
     log.info("CAMs (%s prompts) of %d %s images -> %s", prompts, len(todo), split, cache.dir)
     for j in tqdm(todo, desc=f"CAMs {prompts}/{split}", disable=not progress):
         item = ds[j]
-        res = image_cams(model, text, pset.n_fg, item["image"], item["labels"], params["cam"], threshold)
+        res = image_cams(model, text, pset.n_fg, item["image"], item["labels"], params["cam"], threshold,
+                         params["cam"]["caa_source"][prompts])
         cache.save_npz(item["id"], labels=res["labels"], cam=res["cam"].astype(np.float16),
                        cam_caa=res["cam_caa"].astype(np.float16))
     return cache

@@ -1,8 +1,12 @@
-"""The two prompt-learning losses of METHOD §3.
+"""The two prompt-learning losses of METHOD §3 (and one named ablation).
 
-- ``multilabel_contrastive_loss`` trains the classification prompts: for each (image, present class p),
-  −log( e^{S_p} / (e^{S_p} + Σ_{j∈bg} e^{S_j}) ); only the background prompts are negatives, absent fg
-  classes are masked out (and other present classes are not negatives either).
+- ``multilabel_contrastive_loss`` trains the classification prompts (the original's ``MultiLabelCLLoss``,
+  reduce ``pos_mean``): only foreground logits enter; for each (image, present class p),
+  −log( e^{S_p} / (e^{S_p} + Σ_{n absent} e^{S_n}) ) — the negatives are the image's absent fg classes, other
+  present classes are not in the denominator, and the background prompts are not in the loss at all.
+- ``bg_negatives_contrastive_loss``: the same form with the *background prompts* as the negatives — what an
+  earlier reading of the paper said. Kept only as the ablation ``prompts.cls.loss: bg_negatives``
+  (notebook 07): nothing in it separates one foreground class from another.
 - ``cam_activation_loss`` trains the segmentation prompts from pixel seeds: the CAM of each present class
   is pulled up to its own (detached) peak where the seed says that class and pushed to ≤ 0 elsewhere.
 """
@@ -14,15 +18,42 @@ import torch.nn.functional as F
 from .errors import FmalibError
 
 IGNORE = 255
+CLS_LOSSES = ("absent_fg", "bg_negatives")
 
 
-def multilabel_contrastive_loss(fg_logits: torch.Tensor, bg_logits: torch.Tensor, present: torch.Tensor,
-                                bg_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over (image, present class) pairs of −log softmax over {S_p} ∪ {S_j : j a valid bg prompt}.
+def _pairs_loss(pos: torch.Tensor, neg_lse: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Mean over the True entries of ``pairs`` of −log(e^{S_p} / (e^{S_p} + e^{neg_lse})) = logaddexp − S_p."""
+    per_pair = torch.logaddexp(pos, neg_lse.expand_as(pos)) - pos
+    return per_pair[pairs].mean()
 
-    fg_logits (B, C), bg_logits (B, N) — scaled scores S; present (B, C) bool image labels;
-    bg_valid (B, N) bool, all True by default. Images with no positive or no negative are skipped; a batch
-    with no pair gives 0 (still part of the graph, so ``backward`` works).
+
+def multilabel_contrastive_loss(fg_logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Mean over (image, present class p) pairs of −log(e^{S_p} / (e^{S_p} + Σ_{n absent} e^{S_n})).
+
+    fg_logits (B, C) scaled scores S of the foreground prompts only; present (B, C) bool image labels.
+    Only images with at least one present and one absent class count; a batch with none gives 0 (still
+    part of the graph, so ``backward`` works).
+    """
+    if fg_logits.ndim != 2 or present.shape != fg_logits.shape:
+        raise FmalibError(f"contrastive loss: expected fg logits (B, C) and present (B, C); got "
+                          f"{tuple(fg_logits.shape)} and {tuple(present.shape)}")
+    present = present.bool()
+    keep = present.any(1) & (~present).any(1)
+    pairs = present & keep[:, None]
+    if not pairs.any():
+        return fg_logits.sum() * 0.0
+    s = fg_logits.float()
+    neg_lse = torch.logsumexp(s.masked_fill(present, float("-inf")), dim=1, keepdim=True)  # log Σ_absent e^S
+    neg_lse = torch.where(keep[:, None], neg_lse, torch.zeros_like(neg_lse))  # rows without negatives: unused
+    return _pairs_loss(s, neg_lse, pairs)
+
+
+def bg_negatives_contrastive_loss(fg_logits: torch.Tensor, bg_logits: torch.Tensor, present: torch.Tensor,
+                                  bg_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Ablation: mean over (image, present class) pairs of −log softmax over {S_p} ∪ {S_j : j a valid bg prompt}.
+
+    fg_logits (B, C), bg_logits (B, N); present (B, C) bool; bg_valid (B, N) bool, all True by default.
+    Absent fg classes play no part. Images with no positive or no valid bg prompt are skipped.
     """
     if fg_logits.ndim != 2 or bg_logits.ndim != 2 or fg_logits.shape[0] != bg_logits.shape[0]:
         raise FmalibError(f"contrastive loss: expected fg (B, C) and bg (B, N) logits, got "
@@ -31,19 +62,14 @@ def multilabel_contrastive_loss(fg_logits: torch.Tensor, bg_logits: torch.Tensor
         raise FmalibError(f"contrastive loss: present {tuple(present.shape)} must match fg logits "
                           f"{tuple(fg_logits.shape)}")
     present = present.bool()
-    if bg_valid is None:
-        bg_valid = torch.ones_like(bg_logits, dtype=torch.bool)
-    bg_valid = bg_valid.bool()
-    keep = present.any(1) & bg_valid.any(1)  # images with at least one positive and one negative
+    bg_valid = torch.ones_like(bg_logits, dtype=torch.bool) if bg_valid is None else bg_valid.bool()
+    keep = present.any(1) & bg_valid.any(1)
     pairs = present & keep[:, None]
     if not pairs.any():
         return fg_logits.sum() * 0.0
-    neg = bg_logits.float().masked_fill(~bg_valid, float("-inf"))
-    neg_lse = torch.logsumexp(neg, dim=1, keepdim=True)  # (B, 1): log Σ_j e^{S_j}
-    pos = fg_logits.float()
-    # −log(e^{S_p} / (e^{S_p} + e^{lse})) = logaddexp(S_p, lse) − S_p
-    per_pair = torch.logaddexp(pos, neg_lse.expand_as(pos)) - pos
-    return per_pair[pairs].mean()
+    neg_lse = torch.logsumexp(bg_logits.float().masked_fill(~bg_valid, float("-inf")), dim=1, keepdim=True)
+    neg_lse = torch.where(keep[:, None], neg_lse, torch.zeros_like(neg_lse))
+    return _pairs_loss(fg_logits.float(), neg_lse, pairs)
 
 
 def cam_activation_loss(cams: torch.Tensor, labels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:

@@ -49,12 +49,17 @@ SCHEMA: dict[str, Any] = {
         "num_workers": int,
         "ckpt_every": int,
         "cls": {"iters": int, "warmup_iters": int, "warmup_lr": float, "lr": float, "weight_decay": float,
-                "init_std": float},
+                "init_std": float,
+                "loss": str},  # absent_fg (the original's) | bg_negatives (ablation)
         "seg": {"iters": int, "warmup_iters": int, "warmup_lr": float, "lr": float, "weight_decay": float,
-                "init_std": float},
+                "init_std": float,
+                "layout": str,  # specific_front (VOC) | shared_end (COCO: one context, name last, bg words)
+                "pairs": str},  # crop (VOC: classes in the cropped seed map) | image (COCO: image labels)
     },
     "cam": {  # Grad-CAM + CAA (fmalib/cam.py; METHOD §4)
         "target": str,  # prob | score
+        "target_layer": str,  # ln1_out (the original's) | block_input
+        "caa_source": {"hand": str, "cls": str, "seg": str},  # normalized | raw: the CAM that CAA propagates
         "caa_last_k": int,
         "sinkhorn_iters": int,
         "caa_threshold": {"hand": float, "cls": float, "seg": float},
@@ -115,6 +120,9 @@ SCHEMA: dict[str, Any] = {
         "test": {"scales": [float], "flip": bool, "crf": bool},
         "crf": {"iters": int, "pos_xy": float, "pos_w": float, "bi_xy": float, "bi_rgb": float, "bi_w": float},
     },
+    # dotted-key overrides that put these params on the paper's settings where they depart from them
+    # (the toy's measured departures; {} for voc/coco) — notebook 07's second column (fmalib.compare)
+    "paper_settings": dict,
     # dotted-key overrides applied in fast mode (notebook tests, smoke runs): a tiny slice, few iterations
     "fast": dict,
 }

@@ -6,7 +6,8 @@ tower run on token *embeddings*; some token positions hold learnable context vec
 - ``ClsPromptLearner``: one context of M vectors shared by every prompt, class name last:
   "[SOS] ctx_1 … ctx_M <name>. [EOS]" (fg synonyms and bg words alike); init N(0, 0.015²).
 - ``SegPromptLearner``: a context per prompt, class name first: "[SOS] <name> ctx_1 … ctx_M. [EOS]";
-  the N background prompts carry no word, only their own context; init N(0, 0.0125²).
+  the N background prompts carry no word, only their own context; init N(0, 0.0125²) (VOC; the original's
+  COCO seg prompts use the cls layout instead: ``prompts.seg.layout: shared_end``).
 - ``HandPrompts``: no context, "a clean origami {}." — the same code path with nothing to learn.
 
 CLIP is held by reference, not registered as a submodule, so ``parameters()`` and ``state_dict()`` hold the
@@ -167,6 +168,12 @@ def build_prompts(kind: str, model, params, seed: int | None = None) -> PromptSe
         return HandPrompts(model, tok, names, bg, pr["hand_template"])
     if kind == "cls":
         return ClsPromptLearner(model, tok, names, bg, pr["n_ctx"], pr["cls"]["init_std"], seed)
+    layout = pr["seg"]["layout"]
+    if layout == "shared_end":  # the original's COCO seg prompts: the cls layout, its own init and training
+        return ClsPromptLearner(model, tok, names, bg, pr["n_ctx"], pr["seg"]["init_std"], seed)
+    if layout != "specific_front":
+        raise FmalibError(f"params prompts.seg.layout={layout!r}; expected specific_front (VOC: a context per "
+                          f"class, name first, context-only bg prompts) or shared_end (COCO)")
     return SegPromptLearner(model, tok, names, len(bg), pr["n_ctx"], pr["seg"]["init_std"], seed)
 
 
@@ -200,8 +207,9 @@ def load_context(prompts: PromptSet, path: str | os.PathLike) -> PromptSet:
 def fg_similarity(features: torch.Tensor, n_fg: int) -> float:
     """Mean cosine between distinct foreground prompts of (K, D) L2-normalised features (1.0: all alike).
 
-    The multi-label contrastive loss has no foreground negatives, so a shared context can lower it by
-    making every class prompt alike; this number shows that happening during training."""
+    A shared context can make every class prompt alike (a generic "object" prompt); the contrastive loss's
+    absent-class negatives work against that, its bg-negatives ablation does not. This number shows which
+    happens during training."""
     fg = features[:n_fg].detach().float()
     if n_fg < 2:
         return float("nan")

@@ -52,7 +52,9 @@ def build_report(out_dir: str | os.PathLike) -> Path:
         f"# FMA-WSSS study report: `{out.name}`\n\n## Headline\n\n"
         + table.to_html(index=False, float_format="%.1f", na_rep="not run")
         + "\n\n## Does the paper's ordering hold here?\n\n"
-        + ordering_check(out).to_html(index=False, float_format="%.3f", na_rep="–")))
+        + ordering_check(out).to_html(index=False, float_format="%.3f", na_rep="–")
+        + "\n\n## The same orderings under the toy's settings and the paper's (notebook 07)\n\n"
+        + settings_table(out).to_html(index=False, float_format="%.3f", na_rep="–")))
     for path in executed:
         nb = nbformat.read(path, as_version=4)
         merged.cells.append(nbformat.v4.new_markdown_cell(f"---\n\n# {path.stem}"))
@@ -102,6 +104,10 @@ ABLATIONS = [
     ("fine seeds, bg power tuned on GT (train)", "06_fine_seeds", "gt_best_miou"),
     ("fine seeds, SAM whole masks only (train)", "07_ablations", "levels_whole_miou"),
     ("fine seeds, whole + part (train)", "07_ablations", "levels_whole_part_miou"),
+    ("cls prompts, bg prompts as the loss's negatives (ablation), CAM argmax, no CAA (val)", "07_ablations",
+     "bg_negatives_cls_seed_miou"),
+    ("cls prompts, bg prompts as the loss's negatives (ablation), + CAA (val)", "07_ablations",
+     "bg_negatives_cls_caa_seed_miou"),
 ]
 
 
@@ -110,6 +116,20 @@ def ablation_table(out_dir: str | os.PathLike) -> pd.DataFrame:
     results = read_results(out_dir)
     return pd.DataFrame([{"setting": name, "mIoU (%)": 100 * float(results.get(g, {}).get(k, float("nan")))}
                          for name, g, k in ABLATIONS])
+
+
+def settings_table(out_dir: str | os.PathLike) -> pd.DataFrame:
+    """The paper's orderings under the toy's settings and under the paper's (notebook 07's two columns):
+    per ordering and column, its two numbers and whether it holds; empty when notebook 07 has not run."""
+    from .compare import orderings
+
+    columns = read_results(out_dir).get("07_ablations", {}).get("settings", {})
+    parts = []
+    for name, column in columns.items():
+        rows = pd.DataFrame(orderings(column)).set_index("ordering")
+        rows["holds"] = rows["holds"].map({True: "holds", False: "does NOT hold", None: "not run"})
+        parts.append(rows.rename(columns=lambda c: f"{name}: {c}"))
+    return pd.concat(parts, axis=1).reset_index() if parts else pd.DataFrame()
 
 
 def ordering_check(out_dir: str | os.PathLike) -> pd.DataFrame:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .cache import StageCache, atomic_path, atomic_write_text
 from .errors import FmalibError
-from .losses import cam_activation_loss_pairs, multilabel_contrastive_loss
+from .losses import CLS_LOSSES, bg_negatives_contrastive_loss, cam_activation_loss_pairs, multilabel_contrastive_loss
 from .models import clip as C
 from .prompts import PromptSet, build_prompts, fg_similarity, load_context, save_context
 from .utils import get_device
@@ -120,6 +120,7 @@ def train_cache(params, stage: str, seeds_dir: str | Path | None = None) -> Stag
            "device": get_device(params["device"]).type}
     if stage == "seg":  # the seg loss differentiates Grad-CAMs of this target
         key["cam_target"] = params["cam"]["target"]
+        key["cam_target_layer"] = params["cam"]["target_layer"]
     return StageCache(params.resolve_path("workdir"), f"prompts_{stage}", key)
 
 
@@ -238,26 +239,52 @@ class _TrainSet(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------------------ losses per batch
 
-def cls_batch_loss(model, prompts: PromptSet, images: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Multi-label contrastive loss of a batch (image tower without grad: CLIP is frozen)."""
+def cls_batch_loss(model, prompts: PromptSet, images: torch.Tensor, present: torch.Tensor,
+                   loss: str = "absent_fg") -> torch.Tensor:
+    """Multi-label contrastive loss of a batch (image tower without grad: CLIP is frozen).
+
+    ``loss``: ``absent_fg`` — fg logits only, negatives the absent classes (METHOD §3, the original's);
+    ``bg_negatives`` — the background prompts as negatives (ablation)."""
+    if loss not in CLS_LOSSES:
+        raise FmalibError(f"params prompts.cls.loss={loss!r}; expected one of {CLS_LOSSES}")
     with torch.no_grad():
         emb = F.normalize(C.encode_image_tokens(model, images).image_embed.float(), dim=-1)
     logits = C.logit_scale(model).float() * emb @ prompts().T
     n = prompts.n_fg
-    return multilabel_contrastive_loss(logits[:, :n], logits[:, n:], present)
+    if loss == "absent_fg":
+        return multilabel_contrastive_loss(logits[:, :n], present)
+    return bg_negatives_contrastive_loss(logits[:, :n], logits[:, n:], present)
+
+
+SEG_PAIRS = ("crop", "image")
+
+
+def seg_pairs(present: torch.Tensor, seeds: torch.Tensor, pairs: str = "crop") -> torch.Tensor:
+    """(B, C) bool: the (image, class) pairs of the CAM loss and the classes in its Grad-CAM softmax.
+
+    ``crop``: the classes present in the augmented, cropped seed map (VOC; a class cropped out of view gives
+    no pair); ``image``: the image-level labels (the original's COCO setting)."""
+    if pairs not in SEG_PAIRS:
+        raise FmalibError(f"params prompts.seg.pairs={pairs!r}; expected one of {SEG_PAIRS}")
+    if pairs == "image":
+        return present.bool()
+    ids = torch.arange(1, present.shape[1] + 1, device=seeds.device)
+    return (seeds.reshape(len(seeds), -1, 1) == ids).any(dim=1)
 
 
 def seg_batch_loss(model, prompts: PromptSet, images: torch.Tensor, present: torch.Tensor, seeds: torch.Tensor,
-                   target: str = "prob") -> torch.Tensor:
-    """CAM activation loss of a batch: raw Grad-CAMs of the present classes, differentiable in the contexts."""
+                   target: str = "prob", target_layer: str = "ln1_out", pairs: str = "crop") -> torch.Tensor:
+    """CAM activation loss of a batch: raw Grad-CAMs of the pairs' classes, differentiable in the contexts."""
     from .cam import gradcam
 
     with torch.no_grad():
         out = C.encode_image_tokens(model, images)
     text = prompts()
-    b, c = present.nonzero(as_tuple=True)
-    allowed = torch.cat([present, torch.ones(len(present), prompts.n_bg, dtype=torch.bool, device=present.device)], 1)
-    cams = gradcam(model, out.block_input, out.grid, text, b, c, allowed, target, create_graph=True)
+    chosen = seg_pairs(present, seeds, pairs)
+    b, c = chosen.nonzero(as_tuple=True)
+    allowed = torch.cat([chosen, torch.ones(len(chosen), prompts.n_bg, dtype=torch.bool, device=chosen.device)], 1)
+    cams = gradcam(model, out.block_input, out.grid, text, b, c, allowed, target, create_graph=True,
+                   target_layer=target_layer)
     return cam_activation_loss_pairs(cams, seeds, b, c + 1)
 
 
@@ -368,9 +395,10 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
         images, present, seeds = images.to(device), present.to(device), seeds.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
             if stage == "cls":
-                loss = cls_batch_loss(model, prompts, images, present)
+                loss = cls_batch_loss(model, prompts, images, present, cfg["loss"])
             else:
-                loss = seg_batch_loss(model, prompts, images, present, seeds, params["cam"]["target"])
+                loss = seg_batch_loss(model, prompts, images, present, seeds, params["cam"]["target"],
+                                      params["cam"]["target_layer"], cfg["pairs"])
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)

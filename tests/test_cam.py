@@ -11,7 +11,7 @@ from fmalib.params import load_params
 from fmalib.pretrain.clip_quality import hand_prompt_gradcam, to_input
 from fmalib.prompts import HandPrompts
 
-CFG = {"target": "prob", "caa_last_k": 8, "sinkhorn_iters": 1}
+CFG = {"target": "prob", "target_layer": "ln1_out", "caa_last_k": 8, "sinkhorn_iters": 1}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,63 @@ def tiny():
     return model, text
 
 
-def test_gradcam_batched_equals_per_pair_and_reference(tiny):
+def _full_tower_gradcam(model, x, text, allowed_rows, cls_row, layer):
+    """Independent reference: the whole open_clip vision tower forward with a hook on the last block —
+    ``ln_1``'s output (ln1_out) or the block's input (block_input) swapped for a leaf — the patch-mean
+    embedding, softmax over the allowed prompt rows, backprop of the class's probability; Grad-CAM by its
+    definition: channel weights = token-mean gradients, CAM = weighted channel sum over patch tokens."""
+    v = model.visual
+    blk = v.transformer.resblocks[-1]
+    store = {}
+    if layer == "ln1_out":
+        def hook(mod, inp, out):
+            store["a"] = out.detach().requires_grad_(True)
+            return store["a"]
+        handle = blk.ln_1.register_forward_hook(hook)
+    else:
+        def hook(mod, args, kwargs):
+            store["a"] = args[0].detach().requires_grad_(True)
+            return (store["a"],) + args[1:], kwargs
+        handle = blk.register_forward_pre_hook(hook, with_kwargs=True)
+    was = v.output_tokens
+    v.output_tokens = True
+    try:
+        with torch.enable_grad():
+            _, tokens = v(x)
+            emb = torch.nn.functional.normalize((tokens @ v.proj).mean(1), dim=-1)[0]
+            logits = model.logit_scale.exp() * emb @ text.T
+            prob = torch.softmax(logits[allowed_rows], 0)[allowed_rows.index(cls_row)]
+            (grad,) = torch.autograd.grad(prob, store["a"])
+    finally:
+        v.output_tokens = was
+        handle.remove()
+    a = store["a"].detach()[0, 1:]
+    weights = grad[0, 1:].mean(0)
+    side = int(round(a.shape[0] ** 0.5))
+    return (a @ weights).reshape(side, side)
+
+
+@pytest.mark.parametrize("layer", ["ln1_out", "block_input"])
+def test_gradcam_equals_independent_full_tower_reference(tiny, layer):
+    model, text = tiny
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))  # the tower's own 14x14 grid
+    with torch.no_grad():
+        out = C.encode_image_tokens(model, x)
+    allowed = torch.tensor([[True, False, True, True, True], [False, True, False, True, True]])
+    pi, pc = torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1])
+    cams = gradcam(model, out.block_input, out.grid, text, pi, pc, allowed, target_layer=layer)
+    assert cams.shape == (3, 14, 14)
+    for p in range(3):
+        b = int(pi[p])
+        rows = [k for k in range(5) if allowed[b, k]]
+        ref = _full_tower_gradcam(model, x[b:b + 1], text, rows, int(pc[p]), layer)
+        assert torch.allclose(cams[p], ref, atol=1e-6, rtol=1e-4), (layer, p)
+    other = gradcam(model, out.block_input, out.grid, text, pi, pc, allowed,
+                    target_layer="block_input" if layer == "ln1_out" else "ln1_out")
+    assert not torch.allclose(cams, other, atol=1e-4)  # the two targets are different maps
+
+
+def test_gradcam_batched_equals_per_pair_and_rejects_bad_options(tiny):
     model, text = tiny
     x = torch.randn(2, 3, 40, 56)  # non-square: 5x7 grid
     with torch.no_grad():
@@ -35,12 +91,23 @@ def test_gradcam_batched_equals_per_pair_and_reference(tiny):
     for p in range(3):
         one = gradcam(model, out.block_input, out.grid, text, pi[p:p + 1], pc[p:p + 1], allowed)
         assert torch.allclose(cams[p], one[0], atol=1e-6, rtol=1e-4)
-    # same as differentiating the full tower (fmalib.pretrain.clip_quality), image 0 with classes 0 and 2
-    rows = [0, 2, 3, 4]
-    ref = hand_prompt_gradcam(model, x[:1], text[rows], [0, 1])
-    assert np.allclose(cams[:2].clamp(min=0).numpy(), ref, atol=1e-6, rtol=1e-4)
-    with pytest.raises(FmalibError):
+    with pytest.raises(FmalibError, match="cam.target"):
         gradcam(model, out.block_input, out.grid, text, pi, pc, allowed, target="logit")
+    with pytest.raises(FmalibError, match="cam.target_layer"):
+        gradcam(model, out.block_input, out.grid, text, pi, pc, allowed, target_layer="ln_2")
+
+
+def test_cams_follow_their_prompt_rows_when_classes_are_permuted(tiny):
+    model, text = tiny
+    img = np.random.default_rng(3).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    base = image_cams(model, text, 3, img, [1, 3], CFG, 0.4)
+    perm = [2, 0, 1]  # new row k holds old class perm[k]: old 1 -> new 2, old 3 -> new 1
+    moved = torch.cat([text[perm], text[3:]])
+    out = image_cams(model, moved, 3, img, [1, 2], CFG, 0.4)  # new ids of old classes 3 and 1
+    for key in ("cam", "cam_caa"):
+        assert np.allclose(out[key][0], base[key][1], atol=1e-5)  # old class 3 = new class 1
+        assert np.allclose(out[key][1], base[key][0], atol=1e-5)  # old class 1 = new class 2
+    assert not np.allclose(base["cam"][0], base["cam"][1], atol=1e-3)  # the classes' maps differ at all
 
 
 def test_image_cams_non_square_sizes_rounded_to_patch(tiny):
@@ -90,6 +157,27 @@ def test_box_mask_and_refine():
     # identity affinity: the refined CAM is the CAM inside its boxes, renormalised; a flat CAM stays 0
     assert torch.allclose(out[0], normalize_cams(cams[:1] * torch.from_numpy(expect))[0], atol=1e-5)
     assert out[1].abs().max() == 0
+
+
+def test_caa_box_threshold_and_source():
+    cam = np.zeros((6, 12), np.float32)
+    cam[1:3, 1:3] = 1.0  # strong blob
+    cam[3:5, 8:11] = 0.6  # weaker blob
+    cams = torch.from_numpy(cam[None])
+    spread = torch.full((72, 72), 1.0 / 72)  # every patch receives the mean of the propagated source
+    low, high = caa_refine(cams, torch.eye(72), 0.5), caa_refine(cams, torch.eye(72), 0.7)
+    assert low[0, 3:5, 8:11].min() > 0.5  # threshold 0.5 keeps the weak blob's box
+    assert high[0, 3:5, 8:11].abs().max() == 0 and high[0, 1:3, 1:3].min() == 1  # 0.7 drops it
+    # the source map is what gets propagated; the boxes still come from the normalised CAM
+    raw = torch.from_numpy(np.where(cam > 0, 3 * cam, -0.3).astype(np.float32)[None])
+    raw[0, 1, 1] = -2.0  # a negative raw value inside a box: propagated as is
+    a = torch.rand(72, 72, generator=torch.Generator().manual_seed(0))
+    got = caa_refine(cams, a, 0.5, source=raw)
+    box = torch.from_numpy(box_mask(cam, 0.5))
+    ref = (a @ (raw[0] * box).reshape(-1)).reshape(6, 12).clamp(min=0)
+    assert torch.allclose(got[0], (ref - ref.min()) / (ref.max() - ref.min()), atol=1e-5)
+    assert not torch.allclose(got, caa_refine(cams, a, 0.5), atol=1e-3)
+    assert torch.allclose(caa_refine(cams, spread, 0.7), torch.zeros(1, 6, 12))  # flat result -> 0
 
 
 def test_cam_argmax_seeds_and_threshold_sweep():

@@ -6,10 +6,64 @@ import torch
 import torch.nn.functional as F
 
 from fmalib.errors import FmalibError
-from fmalib.losses import cam_activation_loss, cam_activation_loss_pairs, multilabel_contrastive_loss
+from fmalib.losses import (bg_negatives_contrastive_loss, cam_activation_loss, cam_activation_loss_pairs,
+                           multilabel_contrastive_loss)
 
 
-def _contrastive_reference(fg, bg, present):
+def _absent_fg_reference(fg, present):
+    """METHOD §3 by hand: per positive p, -log(e^Sp / (e^Sp + sum over absent n of e^Sn)), mean over pairs."""
+    terms = []
+    for b in range(len(fg)):
+        absent = [n for n in range(len(fg[b])) if not present[b][n]]
+        if not absent:
+            continue
+        for p in range(len(fg[b])):
+            if present[b][p]:
+                s = math.exp(fg[b][p])
+                terms.append(-math.log(s / (s + sum(math.exp(fg[b][n]) for n in absent))))
+    return sum(terms) / len(terms)
+
+
+def test_contrastive_negatives_are_the_absent_classes():
+    fg = torch.tensor([[2.0, -1.0, 0.5, 1.5], [0.3, 0.1, 4.0, -0.7]])
+    present = torch.tensor([[True, False, True, False], [False, False, True, False]])
+    loss = multilabel_contrastive_loss(fg, present)
+    assert loss.item() == pytest.approx(_absent_fg_reference(fg.tolist(), present.tolist()), rel=1e-6)
+    # image 0, class 0 by hand: negatives are classes 1 and 3; class 2 (present) is not in the denominator
+    one = multilabel_contrastive_loss(fg[:1, :2], present[:1, :2])
+    assert one.item() == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + math.exp(-1))), rel=1e-6)
+    # raising an absent class raises the loss; raising another present class leaves class 0's term alone
+    up = fg.clone()
+    up[0, 3] += 3.0
+    assert multilabel_contrastive_loss(up, present).item() > loss.item()
+    other = fg[:1].clone()
+    other[0, 2] += 5.0
+    ref = _absent_fg_reference(other.tolist(), present[:1].tolist())
+    assert multilabel_contrastive_loss(other, present[:1]).item() == pytest.approx(ref, rel=1e-6)
+
+
+def test_contrastive_gradient_pushes_absent_down_and_present_up():
+    fg = torch.tensor([[1.0, 0.0, 0.5]], requires_grad=True)
+    present = torch.tensor([[True, False, False]])
+    multilabel_contrastive_loss(fg, present).backward()
+    assert fg.grad[0, 0] < 0 and (fg.grad[0, 1:] > 0).all()
+    # reference gradient: d/dS_p = -(1 - softmax_p), d/dS_n = softmax_n over {p} U absent
+    sm = torch.softmax(fg.detach()[0], 0)
+    assert torch.allclose(fg.grad[0], torch.tensor([-(1 - sm[0]), sm[1], sm[2]]), atol=1e-6)
+
+
+def test_contrastive_skips_images_without_positive_or_negative():
+    fg = torch.tensor([[1.0, 2.0], [0.5, 0.5], [3.0, 0.0]], requires_grad=True)
+    present = torch.tensor([[True, False], [False, False], [True, True]])  # image 1: no positive; 2: no negative
+    loss = multilabel_contrastive_loss(fg, present)
+    assert loss.item() == pytest.approx(-math.log(math.e / (math.e + math.e ** 2)), rel=1e-6)
+    loss.backward()
+    assert fg.grad[1:].abs().sum() == 0 and fg.grad[0, 0] < 0
+    empty = multilabel_contrastive_loss(fg, torch.zeros(3, 2, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def _bg_reference(fg, bg, present):
     terms = []
     for b in range(len(fg)):
         for p in range(len(fg[b])):
@@ -19,33 +73,19 @@ def _contrastive_reference(fg, bg, present):
     return sum(terms) / len(terms)
 
 
-def test_contrastive_matches_formula_and_masks_absent_classes():
+def test_bg_negatives_ablation_matches_its_formula():
     fg = torch.tensor([[2.0, -1.0, 0.5], [0.3, 0.1, 4.0]])
     bg = torch.tensor([[1.0, 0.0], [-2.0, 3.0]])
     present = torch.tensor([[True, False, True], [False, False, True]])
-    loss = multilabel_contrastive_loss(fg, bg, present)
-    assert loss.item() == pytest.approx(_contrastive_reference(fg.tolist(), bg.tolist(), present.tolist()), rel=1e-6)
-    # absent classes are masked: changing their scores changes nothing (they are not negatives either)
+    loss = bg_negatives_contrastive_loss(fg, bg, present)
+    assert loss.item() == pytest.approx(_bg_reference(fg.tolist(), bg.tolist(), present.tolist()), rel=1e-6)
     fg2 = fg.clone()
-    fg2[0, 1] = 50.0
-    fg2[1, 0] = -50.0
-    assert multilabel_contrastive_loss(fg2, bg, present).item() == pytest.approx(loss.item(), rel=1e-6)
-    # another present class is not a negative: raising class 2 leaves class 0's term alone
-    one = multilabel_contrastive_loss(fg[:1, :1], bg[:1], present[:1, :1])
-    assert one.item() == pytest.approx(-math.log(math.exp(2) / (math.exp(2) + math.exp(1) + 1)), rel=1e-6)
-
-
-def test_contrastive_skips_images_without_positive_or_negative():
-    fg = torch.tensor([[1.0, 2.0], [0.5, 0.5], [3.0, 0.0]], requires_grad=True)
-    bg = torch.tensor([[0.0], [1.0], [2.0]])
-    present = torch.tensor([[True, False], [False, False], [True, True]])
-    bg_valid = torch.tensor([[True], [True], [False]])  # image 2 has no negative
-    loss = multilabel_contrastive_loss(fg, bg, present, bg_valid)
-    assert loss.item() == pytest.approx(-math.log(math.e / (math.e + 1.0)), rel=1e-6)
-    loss.backward()
-    assert fg.grad[1:].abs().sum() == 0 and fg.grad[0, 0] < 0
-    empty = multilabel_contrastive_loss(fg, bg, torch.zeros(3, 2, dtype=torch.bool))
-    assert empty.item() == 0.0 and empty.requires_grad
+    fg2[0, 1] = 50.0  # absent classes play no part in this variant
+    assert bg_negatives_contrastive_loss(fg2, bg, present).item() == pytest.approx(loss.item(), rel=1e-6)
+    bg_valid = torch.tensor([[True, False], [False, False]])  # image 1 has no negative
+    part = bg_negatives_contrastive_loss(fg, bg, present, bg_valid)
+    ref = (-math.log(math.e ** 2 / (math.e ** 2 + math.e)) - math.log(math.exp(0.5) / (math.exp(0.5) + math.e))) / 2
+    assert part.item() == pytest.approx(ref, rel=1e-6)
 
 
 def test_cam_loss_hand_case():

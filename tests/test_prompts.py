@@ -79,8 +79,60 @@ def test_gradients_reach_only_the_contexts(tiny):
         assert all(p.grad is None for p in model.parameters())
     # seg: a class's CAM depends on its own context (and the bg ones), not on an absent class's
     pl = SegPromptLearner(model, tok, NAMES, 2, n_ctx=4)
-    seg_batch_loss(model, pl, images[:1], present[:1], seeds[:1]).backward()
+    seg_batch_loss(model, pl, images[:1], present[:1], seeds[:1], pairs="image").backward()
     assert pl.ctx.grad[1].abs().sum() == 0 and pl.ctx.grad[0].abs().sum() > 0
+
+
+def test_seg_pairs_come_from_the_cropped_seed_map(tiny):
+    model, tok = tiny
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 48, 40, generator=g)
+    present = torch.tensor([[True, False, True], [True, True, False]])  # image-level labels
+    seeds = torch.zeros(2, 48, 40, dtype=torch.long)
+    seeds[0, 5:20, 5:20] = 1  # class 3 of image 0 was cropped out of view
+    seeds[1, 30:40, 0:10] = 2
+    seeds[1, 0:3, 0:3] = 3  # a class the image labels lack (seed noise) still makes a pair: the crop decides
+    seeds[1, 40:] = 255
+    from fmalib.train import seg_pairs
+
+    assert seg_pairs(present, seeds, "crop").tolist() == [[True, False, False], [False, True, True]]
+    assert seg_pairs(present, seeds, "image").tolist() == present.tolist()
+    with pytest.raises(FmalibError, match="prompts.seg.pairs"):
+        seg_pairs(present, seeds, "boxes")
+    # image 0: with crop pairs class 3's context gets no gradient (no pair, not in the softmax)
+    for pairs, class3 in (("crop", False), ("image", True)):
+        pl = SegPromptLearner(model, tok, NAMES, 2, n_ctx=4)
+        seg_batch_loss(model, pl, images[:1], present[:1], seeds[:1], pairs=pairs).backward()
+        assert (pl.ctx.grad[2].abs().sum() > 0) == class3 and pl.ctx.grad[0].abs().sum() > 0
+    # the crop pairs are the loss's pairs: equal to the CAM loss over exactly those (image, class) pairs
+    from fmalib.cam import gradcam
+    from fmalib.losses import cam_activation_loss_pairs
+    from fmalib.models.clip import encode_image_tokens
+
+    pl = SegPromptLearner(model, tok, NAMES, 2, n_ctx=4)
+    got = seg_batch_loss(model, pl, images, present, seeds)
+    with torch.no_grad():
+        out = encode_image_tokens(model, images)
+        text = pl()
+    b, c = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2])
+    allowed = torch.tensor([[True, False, False, True, True], [False, True, True, True, True]])
+    cams = gradcam(model, out.block_input, out.grid, text, b, c, allowed)
+    assert got.item() == pytest.approx(cam_activation_loss_pairs(cams, seeds, b, c + 1).item(), rel=1e-5)
+
+
+def test_seg_prompt_layout_option_gives_the_coco_prompts(tiny, tmp_path):
+    from fmalib.prompts import build_prompts
+
+    model, _ = tiny
+    voc = build_prompts("seg", model, tiny_params(tmp_path))
+    assert voc.ctx.shape[0] == 6 + 7 and voc.texts[0].startswith("ball X")
+    coco = build_prompts("seg", model, tiny_params(tmp_path, **{"prompts.seg.layout": "shared_end",
+                                                                "prompts.seg.init_std": 0.015}))
+    assert coco.ctx.shape[0] == 1 and coco.n_bg == 7  # one shared context; bg prompts keep their words
+    assert coco.texts[0].endswith("X ball.") and coco.texts[-1].endswith("X wall.")
+    assert coco.ctx.std().item() == pytest.approx(0.015, rel=0.15)
+    with pytest.raises(FmalibError, match="prompts.seg.layout"):
+        build_prompts("seg", model, tiny_params(tmp_path, **{"prompts.seg.layout": "front"}))
 
 
 def test_context_save_load_and_errors(tiny, tmp_path):
@@ -114,6 +166,28 @@ def test_schedule_sampling_and_augmentation():
     # labels follow the geometry: the class stays one vertical half-plane
     cols = (y == 1).any(0)
     assert (y == 1).all(0)[cols].all()
+
+
+def test_lr_schedule_is_what_the_optimizer_used(tmp_path):
+    """The lr of every optimizer step, read from the optimizer itself, against the schedule's formula."""
+    import math
+
+    torch.set_num_threads(1)
+    iters, warm, lr, warm_lr = 9, 3, 0.02, 1e-4
+    params = tiny_params(tmp_path, **{"prompts.cls.iters": iters, "prompts.cls.warmup_iters": warm,
+                                      "prompts.cls.lr": lr, "prompts.cls.warmup_lr": warm_lr})
+    used = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        res = train_prompts(params, "cls", progress=False)
+    finally:
+        hook.remove()
+    want = [warm_lr if it < warm else 0.5 * lr * (1 + math.cos(math.pi * (it - warm) / (iters - warm)))
+            for it in range(iters)]
+    assert used == pytest.approx(want, rel=1e-12) and res.lrs == pytest.approx(want, rel=1e-12)
 
 
 def test_training_lowers_loss_and_resumes_identically(tmp_path):
@@ -212,7 +286,7 @@ def test_vit_b16_random_init_prompt_step_and_cam():
     with torch.no_grad():
         text = HandPrompts(model, tok, NAMES, BG)()
     img = np.random.default_rng(0).integers(0, 255, (70, 100, 3), dtype=np.uint8)
-    cfg = {"target": "prob", "caa_last_k": 8, "sinkhorn_iters": 1}
-    out = image_cams(model, text, len(NAMES), img, [1, 3], cfg, 0.4)
+    cfg = {"target": "prob", "target_layer": "ln1_out", "caa_last_k": 8, "sinkhorn_iters": 1}
+    out = image_cams(model, text, len(NAMES), img, [1, 3], cfg, 0.4, "raw")
     assert out["cam"].shape == (2, 4, 6) and out["cam_caa"].shape == (2, 4, 6)
     assert np.isfinite(out["cam_caa"]).all()

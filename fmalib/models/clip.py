@@ -220,6 +220,27 @@ def encode_image_tokens(model, images: torch.Tensor, attn_last_k: int = 0) -> Vi
                      attn=attn, grid=(h, w))
 
 
+GRADCAM_TARGETS = ("ln1_out", "block_input")
+
+
+def last_block_embed(model, block_input: torch.Tensor, ln1_out: torch.Tensor | None = None) -> torch.Tensor:
+    """(P, 1+h*w, W) tokens entering the last vision block -> (P, D) image embeddings (METHOD §1: patch mean).
+
+    With ``ln1_out`` given, it replaces the block's ``ln_1(block_input)`` — the normalised tokens its attention
+    reads — while the residual stream still carries ``block_input``: a gradient w.r.t. ``ln1_out`` then flows
+    through the attention only, exactly as a hook on ``resblocks[-1].ln_1`` sees it in the full forward.
+    """
+    v = model.visual
+    blk = v.transformer.resblocks[-1]
+    a = blk.ln_1(block_input) if ln1_out is None else ln1_out
+    x = block_input + blk.ls_1(blk.attention(q_x=a))
+    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    tokens = v.ln_post(x[:, 1:])
+    if v.proj is not None:
+        tokens = tokens @ v.proj
+    return tokens.mean(dim=1)
+
+
 def encode_text_embeddings(model, token_embeds: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
     """Text tower from (K, L, W) token embeddings: + positional, transformer, ln_final, EOT token, projection.
 

@@ -85,18 +85,20 @@ def zero_shot_map(model, tokenizer: Callable, images: Sequence[np.ndarray], labe
     return {"map": float(np.nanmean(ap)), "ap": dict(zip(class_names, ap))}
 
 
-def hand_prompt_gradcam(model, x: torch.Tensor, text: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
+def hand_prompt_gradcam(model, x: torch.Tensor, text: torch.Tensor, classes: Sequence[int],
+                        target_layer: str = "ln1_out") -> np.ndarray:
     """Grad-CAMs (len(classes), h, w), ReLU'd, of one image ``x`` (1, 3, H, W) by ``fmalib.cam.gradcam``.
 
     ``text`` (K, D) normalised prompts whose softmax the CAM differentiates: the image's present fg classes
-    and the bg prompts; ``classes`` index rows of ``text``.
+    and the bg prompts; ``classes`` index rows of ``text``; ``target_layer`` as params ``cam.target_layer``.
     """
     from ..cam import gradcam  # lazy: fmalib.cam imports this module
 
     with torch.no_grad():
         out = C.encode_image_tokens(model, x)
     classes = torch.as_tensor(list(classes), dtype=torch.long)
-    cams = gradcam(model, out.block_input, out.grid, text, torch.zeros_like(classes), classes)
+    cams = gradcam(model, out.block_input, out.grid, text, torch.zeros_like(classes), classes,
+                   target_layer=target_layer)
     return F.relu(cams).detach().cpu().numpy()
 
 
@@ -114,7 +116,7 @@ def peak_in_object(cam: np.ndarray, gt: np.ndarray, class_id: int) -> bool:
 
 def cam_peak_hit_rate(model, tokenizer: Callable, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]],
                       gts: Sequence[np.ndarray], class_names: Sequence[str], bg_words: Sequence[str],
-                      template: str = HAND_TEMPLATE) -> dict:
+                      template: str = HAND_TEMPLATE, target_layer: str = "ln1_out") -> dict:
     """{"hit_rate", "n_pairs", "chance", "per_class"}; chance = mean fraction of the image the object covers."""
     fg = text_features(model, tokenizer, class_names, template)
     bg = text_features(model, tokenizer, bg_words, template)
@@ -124,7 +126,7 @@ def cam_peak_hit_rate(model, tokenizer: Callable, images: Sequence[np.ndarray], 
         if not ids:
             continue
         text = torch.cat([fg[[c - 1 for c in ids]], bg])
-        cams = hand_prompt_gradcam(model, to_input(model, im), text, range(len(ids)))
+        cams = hand_prompt_gradcam(model, to_input(model, im), text, range(len(ids)), target_layer)
         for cam, c in zip(cams, ids):
             hit = peak_in_object(cam, gt, c)
             hits.append(hit)
@@ -137,7 +139,7 @@ def cam_peak_hit_rate(model, tokenizer: Callable, images: Sequence[np.ndarray], 
 
 
 def clip_quality(model, tokenizer: Callable, dataset, class_names: Sequence[str], bg_words: Sequence[str],
-                 n_images: int | None = None, template: str = HAND_TEMPLATE) -> dict:
+                 n_images: int | None = None, template: str = HAND_TEMPLATE, target_layer: str = "ln1_out") -> dict:
     """Both numbers on the first ``n_images`` items of a dataset (``open_dataset`` items)."""
     n = len(dataset) if n_images is None else min(n_images, len(dataset))
     items = [dataset[i] for i in range(n)]
@@ -146,20 +148,21 @@ def clip_quality(model, tokenizer: Callable, dataset, class_names: Sequence[str]
     res = {"zero_shot": zero_shot_map(model, tokenizer, images, labels, class_names, template)}
     if all(it["gt"] is not None for it in items):
         res["cam"] = cam_peak_hit_rate(model, tokenizer, images, labels, [it["gt"] for it in items],
-                                       class_names, bg_words, template)
+                                       class_names, bg_words, template, target_layer)
     res["n_images"] = n
     return res
 
 
 def hand_prompt_cam_panels(model, tokenizer: Callable, item: dict, class_names: Sequence[str],
-                           bg_words: Sequence[str], template: str = HAND_TEMPLATE) -> tuple[list, list]:
+                           bg_words: Sequence[str], template: str = HAND_TEMPLATE,
+                           target_layer: str = "ln1_out") -> tuple[list, list]:
     """Zero-shot hand-prompt Grad-CAM heat maps of one dataset item, one per present class (notebook 01)."""
     from ..viz import heatmap
 
     ids = [int(c) for c in item["labels"]]
     text = torch.cat([text_features(model, tokenizer, [class_names[c - 1] for c in ids], template),
                       text_features(model, tokenizer, bg_words, template)])
-    cams = hand_prompt_gradcam(model, to_input(model, item["image"]), text, range(len(ids)))
+    cams = hand_prompt_gradcam(model, to_input(model, item["image"]), text, range(len(ids)), target_layer)
     h, w = item["image"].shape[:2]
     panels = []
     for cam in cams:

@@ -1,0 +1,127 @@
+"""The method end to end under one params set, as one column of numbers (notebook 07, bench/settings.py).
+
+The toy departs from the paper's settings where the tiny CLIP needs it (each departure is a named key in
+params/toy.yaml with its measured reason; ``paper_settings`` lists the paper's values of those keys). The
+study shows both columns: ``settings_column(params)`` for the toy's choices and
+``settings_column(paper_params(params))`` for the paper's, each computing (or reading from the stage
+caches, which are keyed by what changes the result) the same orderings:
+
+- learned cls prompts vs hand prompts: val classification mAP and CAM-argmax seed mIoU (val);
+- CAA vs none, seg prompts vs cls prompts: CAM-argmax seed mIoU (val), CLIP-ES protocol;
+- SAMS vs CAM argmax: coarse (cls CAMs) and fine (seg CAMs) seeds on the train split;
+- fine vs coarse seeds; stage 2 trained on the fine seeds vs on ground truth (val).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .cam import argmax_seed_miou, run_cam_stage
+from .data import open_dataset
+from .metrics import mean_iou
+from .params import Params, load_params
+from .prompts import build_prompts, classification_map, load_context
+from .seeds import cam_argmax_seed_dir, evaluate_seeds, make_seeds
+from .train import load_clip_from_params, train_prompts
+
+log = logging.getLogger(__name__)
+
+
+def paper_params(params: Params) -> Params:
+    """``params`` with its ``paper_settings`` overrides applied (the paper's values where the toy departs)."""
+    out = load_params(params.to_dict(), dict(params["paper_settings"]))
+    out.path = params.path
+    return out
+
+
+def settings_column(params: Params, stage2: bool = True) -> dict:
+    """Every number of the orderings above for ``params`` (see the module docstring); stages are cached."""
+    from .masks import run_mask_stage
+
+    model = load_clip_from_params(params)
+    split, val_split = params["data"]["train_split"], params["data"]["val_split"]
+    train_ds, val_ds = open_dataset(params, split), open_dataset(params, val_split)
+    caa = bool(params["cam"]["use_caa"])
+    out: dict[str, Any] = {"use_caa": caa, "target_layer": params["cam"]["target_layer"],
+                           "cls_lr": params["prompts"]["cls"]["lr"], "seg_lr": params["prompts"]["seg"]["lr"],
+                           "cls_loss": params["prompts"]["cls"]["loss"]}
+
+    cls_run = train_prompts(params, "cls", model=model)
+    hand = build_prompts("hand", model, params)
+    cls = load_context(build_prompts("cls", model, params), cls_run.context_path)
+    out["map_hand"] = classification_map(model, hand, val_ds)["map"]
+    out["map_cls"] = classification_map(model, cls, val_ds)["map"]
+    out["cls_fg_similarity_last"] = cls_run.fg_similarity[-1]
+    argmax = {k: argmax_seed_miou(params, k, model=model) for k in ("hand", "cls")}
+
+    run_mask_stage(params, split)
+    cls_cams = run_cam_stage(params, split, "cls", model=model)
+    coarse = make_seeds(params, split, cls_cams, "coarse")
+    out["coarse_miou"] = mean_iou(evaluate_seeds(train_ds, coarse.dir))
+    out["coarse_bg_power"] = coarse.bg_power
+    cls_argmax_dir, _, _ = cam_argmax_seed_dir(params, split, cls_cams)
+    out["cls_argmax_train_miou"] = mean_iou(evaluate_seeds(train_ds, cls_argmax_dir))
+
+    seg_run = train_prompts(params, "seg", seeds_dir=coarse.dir, model=model)
+    argmax["seg"] = argmax_seed_miou(params, "seg", seeds_dir=coarse.dir, model=model)
+    seg_cams = run_cam_stage(params, split, "seg", ctx_path=seg_run.context_path, model=model)
+    fine = make_seeds(params, split, seg_cams, "fine")
+    out["fine_miou"] = mean_iou(evaluate_seeds(train_ds, fine.dir))
+    out["fine_bg_power"] = fine.bg_power
+    seg_argmax_dir, _, _ = cam_argmax_seed_dir(params, split, seg_cams)
+    out["seg_argmax_train_miou"] = mean_iou(evaluate_seeds(train_ds, seg_argmax_dir))
+    for kind, res in argmax.items():
+        for variant in ("no_caa", "caa"):
+            out[f"argmax_val_{kind}_{variant}"] = res[variant]["val_miou"]
+
+    if stage2:
+        from .segment import evaluate_segmenter, run_dir, train_segmenter
+
+        runs = {"seeds": run_dir(params, "seeds", fine.dir), "gt": run_dir(params, "gt", None)}
+        train_segmenter(params, fine.dir, runs["seeds"])
+        train_segmenter(params, None, runs["gt"])
+        out["stage2_seeds_val_miou"] = evaluate_segmenter(params, runs["seeds"], val_split)["miou"]
+        out["stage2_gt_val_miou"] = evaluate_segmenter(params, runs["gt"], val_split)["miou"]
+    log.info("settings column (%s, CAA %s, cls lr %g, seg lr %g): coarse %.3f, fine %.3f",
+             out["target_layer"], caa, out["cls_lr"], out["seg_lr"], out["coarse_miou"], out["fine_miou"])
+    return out
+
+
+def cls_loss_variant(params: Params, loss: str) -> dict:
+    """The cls prompts trained with ``prompts.cls.loss = loss`` (e.g. the ``bg_negatives`` ablation): val mAP,
+    the mean cosine between class prompts after training, and CAM-argmax seed mIoU (val, no CAA / CAA)."""
+    variant = load_params(params.to_dict(), {"prompts.cls.loss": loss})
+    model = load_clip_from_params(variant)
+    run = train_prompts(variant, "cls", model=model)
+    prompts = load_context(build_prompts("cls", model, variant), run.context_path)
+    val_ds = open_dataset(variant, variant["data"]["val_split"])
+    seeds = argmax_seed_miou(variant, "cls", model=model)
+    return {"loss": loss, "map_cls": classification_map(model, prompts, val_ds)["map"],
+            "fg_similarity_first": run.fg_similarity[0], "fg_similarity_last": run.fg_similarity[-1],
+            "argmax_val_cls_no_caa": seeds["no_caa"]["val_miou"], "argmax_val_cls_caa": seeds["caa"]["val_miou"]}
+
+
+# (row label, how the row's two numbers compare: first > second is what the paper reports)
+ORDERINGS = [
+    ("learned cls prompts > hand prompts (val mAP)", "map_cls", "map_hand"),
+    ("learned cls prompts > hand prompts (val CAM-argmax seeds, params' CAA)", "argmax_val_cls_{caa}",
+     "argmax_val_hand_{caa}"),
+    ("CAA > no CAA (cls CAMs, val CAM-argmax seeds)", "argmax_val_cls_caa", "argmax_val_cls_no_caa"),
+    ("seg prompts > cls prompts (val CAM-argmax seeds, params' CAA)", "argmax_val_seg_{caa}",
+     "argmax_val_cls_{caa}"),
+    ("SAMS > CAM argmax (coarse, train)", "coarse_miou", "cls_argmax_train_miou"),
+    ("SAMS > CAM argmax (fine, train)", "fine_miou", "seg_argmax_train_miou"),
+    ("fine seeds > coarse seeds (train)", "fine_miou", "coarse_miou"),
+    ("stage 2: ground truth > fine seeds (val)", "stage2_gt_val_miou", "stage2_seeds_val_miou"),
+]
+
+
+def orderings(column: dict) -> list[dict]:
+    """One row per ordering of ``ORDERINGS``: its two numbers and whether it holds (None if not run)."""
+    tag = "caa" if column.get("use_caa") else "no_caa"
+    rows = []
+    for label, a, b in ORDERINGS:
+        va, vb = column.get(a.format(caa=tag)), column.get(b.format(caa=tag))
+        holds = None if va is None or vb is None else bool(va > vb)
+        rows.append({"ordering": label, "first": va, "second": vb, "holds": holds})
+    return rows
