@@ -5,13 +5,17 @@ block (Grad-CAM target), per-block attention maps, and the text tower run on pro
 Every model is built by open_clip's own factory; fmalib registers its packaged JSON configs
 (``fmalib/models/configs``, e.g. ``fmalib-tiny-clip``) with ``open_clip.add_model_config`` on import, so
 ``open_clip.create_model_and_transforms("fmalib-tiny-clip", pretrained="assets/tiny_clip.pt")`` loads the
-shipped weights exactly as it loads a ViT-B/16 state dict. A checkpoint is checked key by key first, so a
-wrong or truncated file fails with one message naming the first bad key or shape.
+shipped weights exactly as it loads a ViT-B/16 state dict. Checkpoints are read in every form users have
+(OpenAI's TorchScript archive, open_clip state dicts, safetensors), checked key by key, so a wrong or truncated
+file fails with one message naming the first bad key or shape, and checked for the MLP activation (OpenAI's
+weights are QuickGELU: ``ViT-B-16-quickgelu``).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,23 +50,102 @@ class VisualOut:
 
 # ------------------------------------------------------------------------------------------------ loading
 
-def read_clip_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from disk through open_clip's reader (unwraps ``state_dict`` / ``module.``)."""
+OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")  # OpenAI's archives carry these
+ACTIVATIONS = {"QuickGELU": "quick_gelu", "GELU": "gelu"}
+
+
+class CLIPActivationWarning(UserWarning):
+    """The checkpoint does not say its MLP activation, and open_clip knows weights of this architecture
+    trained with the other one (e.g. OpenAI's QuickGELU ViT-B/16 beside LAION's GELU ViT-B/16)."""
+
+
+@dataclass
+class ClipCheckpoint:
+    """What ``read_clip_checkpoint`` found in a file."""
+
+    path: Path
+    state: dict  # key -> tensor, open_clip naming
+    format: str  # "torchscript" (OpenAI's archive) | "state_dict" | "safetensors"
+    activation: str | None  # "quick_gelu" | "gelu" | None: the file does not say
+    activation_source: str  # how ``activation`` was found, for messages
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """TorchScript zips hold serialized code (``<name>/code/...``, ``constants.pkl``); torch.save zips do not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _archive_activation(module: torch.nn.Module) -> str | None:
+    """The MLP activation of a TorchScript module, from the class names its submodules were traced from."""
+    found = {ACTIVATIONS[n] for _, m in module.named_modules() if (n := getattr(m, "original_name", None)) in ACTIVATIONS}
+    return found.pop() if len(found) == 1 else None
+
+
+def read_clip_checkpoint(path: str | os.PathLike) -> ClipCheckpoint:
+    """A CLIP checkpoint in any of the forms users have, as an open_clip state dict:
+
+    - OpenAI's TorchScript archive (``ViT-B-16.pt`` as OpenAI ships it): read as open_clip's
+      ``load_openai_model`` does (``torch.jit.load``, its ``state_dict()`` minus OpenAI's metadata entries);
+      its activation is read from the archive's module classes (OpenAI's: ``QuickGELU``).
+    - an open_clip / torch state dict (plain, ``{"state_dict": ...}``- or ``module.``-wrapped, any dtype) or
+      ``.safetensors`` file, through open_clip's own reader. These do not record an activation, except a state
+      dict taken from an OpenAI archive, which keeps OpenAI's ``input_resolution`` / ``context_length`` /
+      ``vocab_size`` entries (QuickGELU).
+    An unreadable file is one FmalibError naming the path and every reader tried.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FmalibError(f"CLIP checkpoint {path} does not exist (expected an open_clip state dict, e.g. "
-                          f"assets/tiny_clip.pt or a ViT-B/16 .pt)")
-    try:
-        state = _oc_load_state_dict(str(path), device="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        raise FmalibError(f"CLIP checkpoint {path} ({path.stat().st_size} bytes) cannot be read as a torch "
-                          f"state dict — truncated or corrupt? ({type(exc).__name__}: {msg})") from exc
-    except Exception as exc:  # unpickling errors of other kinds: still one clear error naming the file
-        raise FmalibError(f"CLIP checkpoint {path} cannot be read: {type(exc).__name__}: {exc}") from exc
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FmalibError(f"CLIP checkpoint {path} is not a state dict of tensors (got {type(state).__name__})")
-    return dict(state)
+        raise FmalibError(f"CLIP checkpoint {path} does not exist (expected OpenAI's TorchScript archive, e.g. "
+                          f"ViT-B-16.pt, an open_clip state dict such as assets/tiny_clip.pt, or .safetensors)")
+    tried = []
+
+    def fail() -> FmalibError:
+        return FmalibError(f"CLIP checkpoint {path} ({path.stat().st_size} bytes) cannot be read — truncated, "
+                           f"corrupt or not a CLIP checkpoint; tried: {'; '.join(tried)}")
+
+    def first_line(exc: Exception) -> str:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+    fmt, activation, source = "state_dict", None, "not recorded in a state dict"
+    if _is_torchscript_archive(path):
+        fmt = "torchscript"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice, not the user's
+                archive = torch.jit.load(str(path), map_location="cpu")
+            state = dict(archive.state_dict())
+        except Exception as exc:  # any failure of the TorchScript reader: one error naming the file
+            tried.append(f"torch.jit.load as a TorchScript archive ({first_line(exc)})")
+            raise fail() from exc
+        activation = _archive_activation(archive)
+        source = f"the archive's {'QuickGELU' if activation == 'quick_gelu' else 'GELU'} modules" if activation \
+            else "the archive names no single activation module"
+        del archive
+    else:
+        if path.suffix == ".safetensors":
+            fmt, reader = "safetensors", "safetensors.torch.load_file"
+        else:
+            reader = "torch.load(weights_only=True) as a state dict"
+        try:
+            state = _oc_load_state_dict(str(path), device="cpu", weights_only=True)
+        except Exception as exc:  # unpickling / zip / safetensors errors of any kind: still one clear error
+            tried.append(f"{reader} ({first_line(exc)})")
+            if fmt == "state_dict":
+                tried.append("TorchScript archive (not one: no serialized code inside)")
+            raise fail() from exc
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            tried.append(f"{reader} (got {type(state).__name__}, not a mapping of tensors)")
+            raise fail()
+        state = dict(state)
+    if any(k in state for k in OPENAI_META_KEYS):
+        if activation is None:
+            activation, source = "quick_gelu", "OpenAI's metadata entries (a state dict of OpenAI's archive)"
+        for k in OPENAI_META_KEYS:
+            state.pop(k, None)
+    return ClipCheckpoint(path, state, fmt, activation, source)
 
 
 def check_clip_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -86,22 +169,134 @@ def check_clip_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tens
                               f"different model")
 
 
-def load_clip(name: str, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-    """A frozen open_clip CLIP in eval mode; ``checkpoint=None`` gives a randomly initialised model."""
+def model_activation(model: torch.nn.Module) -> str | None:
+    """"quick_gelu" or "gelu": the MLP activation the built model uses (None if neither or both)."""
+    found = {ACTIVATIONS[type(m).__name__] for m in model.modules() if type(m).__name__ in ACTIVATIONS}
+    return found.pop() if len(found) == 1 else None
+
+
+def _twin(name: str, activation: str) -> str | None:
+    """open_clip's name of the same architecture with ``activation`` (ViT-B-16 <-> ViT-B-16-quickgelu)."""
+    base = name[: -len("-quickgelu")] if name.endswith("-quickgelu") else name
+    twin = f"{base}-quickgelu" if activation == "quick_gelu" else base
+    return twin if twin in open_clip.list_models() else None
+
+
+def check_activation(model: torch.nn.Module, name: str, ckpt: ClipCheckpoint) -> None:
+    """The model's activation must be the checkpoint's: an error where the file says which it is, a
+    CLIPActivationWarning where it does not and open_clip lists weights of this architecture with the other."""
+    built = model_activation(model)
+    if ckpt.activation is not None and built is not None and ckpt.activation != built:
+        twin = _twin(name, ckpt.activation)
+        fix = f"set clip.model: {twin}" if twin else f"use a model config with {ckpt.activation}"
+        raise FmalibError(f"CLIP checkpoint {ckpt.path} was trained with {ckpt.activation} (found from "
+                          f"{ckpt.activation_source}), but clip.model {name!r} builds {built}: {fix}")
+    if ckpt.activation is None and built is not None:
+        other = [t for t in open_clip.list_pretrained_tags_by_model(name)
+                 if bool(open_clip.get_pretrained_cfg(name, t).get("quick_gelu", False)) != (built == "quick_gelu")]
+        if other:
+            twin = _twin(name, "gelu" if built == "quick_gelu" else "quick_gelu")
+            warnings.warn(f"CLIP checkpoint {ckpt.path} ({ckpt.format}) does not record its activation and "
+                          f"{name!r} builds {built}, but open_clip lists {name} weights trained with the other "
+                          f"activation ({', '.join(other)}). If the file holds those, set clip.model: {twin}",
+                          CLIPActivationWarning, stacklevel=3)
+
+
+class _QuietFactory(logging.Filter):
+    """open_clip's factory logs its steps on the root logger, and "Model initialized randomly" for every
+    model built with pretrained=None — which is every fmalib load (weights are loaded afterwards)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_factory = record.pathname.endswith(os.path.join("open_clip", "factory.py"))
+        return not (from_factory and (record.levelno < logging.WARNING or "initialized randomly" in record.getMessage()))
+
+
+def build_clip(name: str) -> torch.nn.Module:
+    """The architecture ``name`` at random initialisation, by open_clip's factory, without its log lines."""
     if name not in open_clip.list_models():
-        raise FmalibError(f"CLIP model {name!r} is not an open_clip model name (e.g. {TINY_CLIP}, ViT-B-16)")
-    model, _, _ = open_clip.create_model_and_transforms(name, pretrained=None, device="cpu")
+        raise FmalibError(f"CLIP model {name!r} is not an open_clip model name (e.g. {TINY_CLIP}, "
+                          f"ViT-B-16-quickgelu for OpenAI's ViT-B/16)")
+    root, quiet = logging.getLogger(), _QuietFactory()
+    root.addFilter(quiet)
+    try:
+        return open_clip.create_model(name, pretrained=None, device="cpu")
+    finally:
+        root.removeFilter(quiet)
+
+
+def load_clip_state_dict(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Check key by key, then load as open_clip's ``load_checkpoint`` does (same adaptations, strict)."""
+    from open_clip.factory import convert_state_dict
+    from open_clip.model import resize_pos_embed as oc_resize_pos_embed, resize_text_pos_embed
+
+    state = convert_state_dict(model, state)
+    if "logit_scale" in state and model.logit_scale.ndim != state["logit_scale"].ndim:
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    check_clip_state_dict(model, state, source)
+    oc_resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    model.load_state_dict(state, strict=True)
+
+
+def load_clip(name: str, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """A frozen open_clip CLIP in eval mode; ``checkpoint=None`` gives a randomly initialised model.
+
+    ``model.checkpoint_info`` says what was loaded (path, format, activation and how it was found).
+    """
+    model = build_clip(name)
+    model.checkpoint_info = {"path": None, "format": "random init", "activation": model_activation(model),
+                             "activation_source": "the model config"}
     if checkpoint is not None:
-        # check first (open_clip's strict load fails with a long multi-key message), then load through
-        # open_clip.load_checkpoint — what create_model_and_transforms(name, pretrained=path) calls
-        check_clip_state_dict(model, read_clip_checkpoint(checkpoint), str(checkpoint))
-        open_clip.load_checkpoint(model, str(checkpoint))
-        log.info("loaded CLIP %s from %s", name, checkpoint)
+        ckpt = read_clip_checkpoint(checkpoint)
+        load_clip_state_dict(model, ckpt.state, str(checkpoint))
+        check_activation(model, name, ckpt)
+        model.checkpoint_info = {"path": str(ckpt.path), "format": ckpt.format,
+                                 "activation": ckpt.activation or model_activation(model),
+                                 "activation_source": ckpt.activation_source if ckpt.activation
+                                 else "the model config (the file does not record it)"}
+        log.info("loaded CLIP %s from %s (%s)", name, checkpoint, ckpt.format)
     model = model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def clip_identity(model, name: str) -> dict:
+    """What a user checks first about a loaded CLIP (notebook 01): architecture, size, file and activation.
+
+    A file's SHA-256 is compared with the ones in open_clip's download table (OpenAI's URLs carry it), so
+    OpenAI's ViT-B/16 as shipped is named as such.
+    """
+    info = dict(getattr(model, "checkpoint_info", {}) or {})
+    v = model.visual
+    ident = {"model": name, "params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+             "image size": tuple(v.image_size) if isinstance(v.image_size, (tuple, list)) else v.image_size,
+             "patch size": patch_size(model), "vision width": int(v.conv1.weight.shape[0]),
+             "vision layers": len(v.transformer.resblocks), "embed dim": int(model.text_projection.shape[-1]),
+             "activation": info.get("activation"), "activation from": info.get("activation_source"),
+             "checkpoint": info.get("path"), "format": info.get("format")}
+    if info.get("path"):
+        p = Path(info["path"])
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        ident["file MB"] = round(p.stat().st_size / 2**20, 1)
+        ident["sha256"] = h.hexdigest()
+        ident["known as"] = _known_pretrained(h.hexdigest())
+    return ident
+
+
+def _known_pretrained(sha256: str) -> str | None:
+    """"<model> / <tag>" of open_clip's table whose download URL carries this SHA-256 (OpenAI's do)."""
+    from open_clip import pretrained as P
+
+    for model in open_clip.list_models():
+        for tag in P.list_pretrained_tags_by_model(model):
+            if sha256 in P.get_pretrained_cfg(model, tag).get("url", ""):
+                return f"{model} / {tag}"
+    return None
 
 
 def get_tokenizer(name: str):
