@@ -1,5 +1,8 @@
 """Quality of the shipped tiny CLIP and SAM against issue 7's targets -> reports/bench/foundation.json.
 
+The CLIP's hand-prompt Grad-CAM hit rate is measured at both ``cam.target_layer`` choices: ``ln1_out`` (the
+original's, the target of ``clip_cam_hit_rate``) and ``block_input`` (the residual stream entering the block).
+
 Usage: python bench/foundation.py [--params params/toy.yaml] [--n-images N]
 """
 from __future__ import annotations
@@ -12,7 +15,7 @@ from fmalib.data import open_dataset
 from fmalib.models.clip import get_tokenizer, load_clip
 from fmalib.models.sam import load_sam
 from fmalib.params import repo_root
-from fmalib.pretrain.clip_quality import clip_quality
+from fmalib.pretrain.clip_quality import cam_peak_hit_rate, clip_quality
 from fmalib.pretrain.sam_quality import sam_quality
 from fmalib.results import write_bench
 
@@ -31,9 +34,16 @@ def main() -> dict:
     cq = clip_quality(clip, get_tokenizer(params.clip.model), open_dataset(params, params.data.val_split),
                       params.classes.names, params.classes.bg_words,
                       n_images=args.n_images or params.foundation.clip.eval.n_images)
+    val = open_dataset(params, params.data.val_split)
+    n_clip = min(args.n_images or params.foundation.clip.eval.n_images, len(val))
+    items = [val[i] for i in range(n_clip)]
+    block_input = cam_peak_hit_rate(clip, get_tokenizer(params.clip.model), [it["image"] for it in items],
+                                    [list(it["labels"]) for it in items], [it["gt"] for it in items],
+                                    params.classes.names, params.classes.bg_words, target_layer="block_input")
     sam = load_sam(params.sam.model_type, params.resolve_path("sam.checkpoint"), params.device)
     sq = sam_quality(sam, params, n_images=args.n_images)
     measured = {"clip_zero_shot_map": cq["zero_shot"]["map"], "clip_cam_hit_rate": cq["cam"]["hit_rate"],
+                "clip_cam_hit_rate_block_input": block_input["hit_rate"],
                 "sam_point_best_of_3": sq["point"]["best_of_3"], "sam_amg_recall": sq["amg"]["recall"],
                 "sam_amg_multilevel_recall": sq["amg_multilevel"]["recall"],
                 "sam_iou_calibration_r": sq["calibration"]["pearson"]}

@@ -2,9 +2,10 @@
 
 - ``zero_shot_map``: multi-label mAP of S_k = cos(image embedding, text_k) over a split (METHOD §1 image
   embedding: mean of projected patch tokens), prompts ``"a clean origami {}."`` (CLIP-ES's template).
-- ``cam_peak_hit_rate``: hand-prompt Grad-CAM (``fmalib.cam.gradcam``, METHOD §4: tokens entering the last
-  block, softmax over present fg classes + bg prompts, backprop the class probability, channel weights =
-  mean gradient, ReLU) peaks inside the labelled object; one count per (image, present class).
+- ``cam_peak_hit_rate``: hand-prompt Grad-CAM (``fmalib.cam.gradcam``, METHOD §4: at ``target_layer`` — the
+  last block's ln_1 output by default, the original's — softmax over present fg classes + bg prompts,
+  backprop the class probability, channel weights = mean gradient, ReLU) peaks inside the labelled object;
+  one count per (image, present class).
 Notebook 01 and bench/foundation.py call these; ``clip_quality`` runs both on a dataset.
 """
 from __future__ import annotations

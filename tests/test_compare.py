@@ -1,0 +1,48 @@
+"""The two-column study: paper_settings applied as overrides; orderings and the report's table per column."""
+import pytest
+
+from fmalib.compare import ORDERINGS, orderings, paper_params
+from fmalib.params import load_params
+from fmalib.report import settings_table
+from fmalib.results import record
+
+
+def test_paper_params_apply_only_the_listed_departures():
+    toy = load_params("params/toy.yaml", {"workdir": "/tmp/elsewhere"})
+    paper = paper_params(toy)
+    assert dict(toy.paper_settings)  # the toy departs somewhere, and says where
+    for key, value in toy.paper_settings.items():
+        assert paper.get_dotted(key) == value
+    changed = {k for k in toy.paper_settings if toy.get_dotted(k) != paper.get_dotted(k)}
+    assert changed  # at least one departure is a real difference
+    assert paper.workdir == "/tmp/elsewhere" and paper.path == toy.path  # earlier overrides are kept
+    assert paper.prompts.seg.init_std == toy.prompts.seg.init_std
+    for name in ("voc", "coco"):  # the real params are the paper's: nothing to apply
+        assert dict(load_params(f"params/{name}.yaml").paper_settings) == {}
+
+
+def test_orderings_read_the_params_caa_choice_and_flag_missing():
+    column = {"use_caa": False, "map_cls": 0.7, "map_hand": 0.9, "argmax_val_cls_no_caa": 0.5,
+              "argmax_val_hand_no_caa": 0.4, "argmax_val_cls_caa": 0.3, "argmax_val_seg_no_caa": 0.6,
+              "coarse_miou": 0.5, "cls_argmax_train_miou": 0.45, "fine_miou": 0.6, "seg_argmax_train_miou": 0.5}
+    rows = {r["ordering"]: r for r in orderings(column)}
+    assert len(rows) == len(ORDERINGS)
+    assert rows["learned cls prompts > hand prompts (val mAP)"]["holds"] is False
+    seeds = rows["learned cls prompts > hand prompts (val CAM-argmax seeds, params' CAA)"]
+    assert (seeds["first"], seeds["second"], seeds["holds"]) == (0.5, 0.4, True)  # no-CAA numbers: params' choice
+    assert rows["CAA > no CAA (cls CAMs, val CAM-argmax seeds)"]["holds"] is False
+    assert rows["stage 2: ground truth > fine seeds (val)"]["holds"] is None  # stage 2 not run
+    with_caa = {r["ordering"]: r for r in orderings({**column, "use_caa": True, "argmax_val_hand_caa": 0.2})}
+    assert with_caa["learned cls prompts > hand prompts (val CAM-argmax seeds, params' CAA)"]["first"] == 0.3
+
+
+def test_settings_table_has_both_columns(tmp_path):
+    assert settings_table(tmp_path).empty  # notebook 07 not run
+    toy = {"use_caa": False, "coarse_miou": 0.5, "cls_argmax_train_miou": 0.4}
+    paper = {"use_caa": True, "coarse_miou": 0.3, "cls_argmax_train_miou": 0.35}
+    record(tmp_path, "07_ablations", settings={"toy settings": toy, "paper settings": paper})
+    table = settings_table(tmp_path).set_index("ordering")
+    row = table.loc["SAMS > CAM argmax (coarse, train)"]
+    assert row["toy settings: holds"] == "holds" and row["paper settings: holds"] == "does NOT hold"
+    assert row["paper settings: first"] == pytest.approx(0.3)
+    assert table.loc["fine seeds > coarse seeds (train)", "toy settings: holds"] == "not run"
