@@ -38,7 +38,16 @@ def open_dataset(params, split: str):
         write_benchmark(root, syn["n_train"], syn["n_val"], syn["seed"], (syn["size_min"], syn["size_max"]))
         return VOCDataset(root, split, CLASS_NAMES)
     if kind == "voc":
-        return VOCDataset(root, split, VOC_CLASSES)
-    from .coco import COCODataset
+        ds = VOCDataset(root, split, VOC_CLASSES)
+    else:
+        from .coco import COCODataset
 
-    return COCODataset(root, split)
+        ds = COCODataset(root, split)
+    # prompts are built from classes.names and labels from the dataset's ids: they must be the same list
+    names = list(params.get("classes", {}).get("names", ds.class_names))
+    if names != list(ds.class_names):
+        source = getattr(ds, "ann_file", None) or f"fmalib.data.voc.VOC_CLASSES"
+        raise FmalibError(f"params classes.names in {getattr(params, 'path', None)} ({len(names)} names) differ "
+                          f"from the dataset's classes ({len(ds.class_names)}, from {source}): first difference "
+                          f"{next(((a, b) for a, b in zip(names, ds.class_names) if a != b), 'in length')}")
+    return ds

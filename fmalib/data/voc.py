@@ -26,7 +26,8 @@ VOC_LAYOUT = """expected layout (VOCdevkit/VOC2012 with the SBD-augmented masks 
   <root>/SegmentationClass/<id>.png              VOC 2012 masks (palette or grayscale, 255 = ignore)
   <root>/SegmentationClassAug/<id>.png           SBD-augmented masks, needed for split train_aug only
   <root>/ImageSets/Segmentation/train.txt        1,464 ids (VOC 2012 train)
-  <root>/ImageSets/Segmentation/train_aug.txt    10,582 ids (VOC train + SBD, minus VOC val)
+  <root>/ImageSets/Segmentation/train_aug.txt    10,582 ids (VOC train + SBD, minus VOC val); one id a line
+                                                 or two columns: /JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png
   <root>/ImageSets/Segmentation/val.txt          1,449 ids (VOC 2012 val)
 SegmentationClassAug and train_aug.txt are the usual 'SegmentationClassAug' release (e.g. the one
 DeepLab/CLIP-ES use); copy train_aug.txt into ImageSets/Segmentation/."""
@@ -41,6 +42,15 @@ _SPLITS = {
 
 def _layout_error(what: str) -> FmalibError:
     return FmalibError(f"{what}\n{VOC_LAYOUT}")
+
+
+def split_line_id(line: str) -> str:
+    """The image id of one split-list line, in either common form: ``2007_000032`` (VOC's own lists) or
+    ``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`` (the usual train_aug.txt)."""
+    first = line.split()[0]
+    if "/" in first or Path(first).suffix.lower() in (".jpg", ".jpeg", ".png"):
+        return Path(first).stem
+    return first
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -73,7 +83,7 @@ class VOCDataset:
             raise _layout_error(f"split list {list_path} does not exist (split {split!r})")
         if not any((self.root / d).is_dir() for d in self._mask_dirs):
             raise _layout_error(f"none of the mask folders {[str(self.root / d) for d in self._mask_dirs]} exists")
-        self.ids = [line.split()[0] for line in list_path.read_text().splitlines() if line.strip()]
+        self.ids = [split_line_id(line) for line in list_path.read_text().splitlines() if line.strip()]
         self._labels: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
