@@ -42,6 +42,7 @@ def add_fmalib_config(cfg) -> None:
     cfg.FMALIB.CROP_SIZE = 0  # square training crop (padded with ignore where the image is smaller)
     cfg.FMALIB.FLIP = True  # random horizontal flip
     cfg.FMALIB.LOG_PERIOD = 20  # iterations between metrics.json / console lines
+    cfg.FMALIB.WEIGHTS_STYLE = "torchvision"  # layout of MODEL.WEIGHTS (fmalib.segment.weights converts / checks)
 
 
 def _check(stage2: Mapping, key: str, allowed) -> None:
@@ -142,6 +143,7 @@ def build_config(stage2: Mapping, num_classes: int, *, train_dataset: str | None
     cfg.FMALIB.CROP_SIZE = stage2["crop_size"]
     cfg.FMALIB.FLIP = bool(stage2["flip"])
     cfg.FMALIB.LOG_PERIOD = max(1, stage2["log_period"])
+    cfg.FMALIB.WEIGHTS_STYLE = stage2["weights_style"]
     cfg.DATASETS.TRAIN = (train_dataset,) if train_dataset else ()
     cfg.DATASETS.TEST = ()
     cfg.DATALOADER.NUM_WORKERS = stage2["num_workers"]

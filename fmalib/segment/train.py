@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
 
 from ..cache import atomic_write_text, stable_hash
@@ -41,6 +42,7 @@ def _trainer_class():
     from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
     from .datasets import SemSegMapper
+    from .weights import checkpointer_class
 
     class Stage2Trainer(DefaultTrainer):
         """DefaultTrainer with fmalib's label mapper, poly/cosine LR, no periodic evaluation, bounded
@@ -60,6 +62,11 @@ def _trainer_class():
             return [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(out, "metrics.json"), window_size=1)]
 
         def build_hooks(self):
+            # called by DefaultTrainer.__init__ right after it made its checkpointer: swap in the one that
+            # converts and checks stage2.weights, before the periodic-checkpoint hook takes it
+            self.checkpointer = checkpointer_class()(
+                self._trainer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                weights=self.cfg.MODEL.WEIGHTS or None, weights_style=self.cfg.FMALIB.WEIGHTS_STYLE)
             keep = []
             for h in super().build_hooks():
                 if isinstance(h, hooks.EvalHook):
@@ -170,6 +177,7 @@ def _train_worker(params_dict: dict, label_dir: str | None, out_dir: str, resume
     if comm.is_main_process():
         ran = cfg.SOLVER.MAX_ITER - start
         summary = {"iters": cfg.SOLVER.MAX_ITER, "resumed_from": start, "seconds": seconds,
+                   "backbone_weights": trainer.checkpointer.backbone_report,
                    "s_per_iter": _median_iter_time(Path(out_dir), start) or (seconds / ran if ran else None),
                    "final_loss": _last_loss(Path(out_dir)),
                    "labels": _labels_key(label_dir), "dataset": train_name,
