@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this process's share of images")
     parser.add_argument("--split", default=None, help="dataset split (default: the stage's own)")
     parser.add_argument("--force", action="store_true", help="rerun even if cached")
+    parser.add_argument("--out", default=None, help="reproduce / report: executed notebooks' folder "
+                                                    "(default: reports/<params file stem>)")
     return parser
 
 

@@ -16,6 +16,8 @@ def data(args) -> None:
 
 
 def _out_dir(args) -> Path:
+    if getattr(args, "out", None):
+        return Path(args.out)
     return repo_root() / "reports" / Path(args.params).stem
 
 

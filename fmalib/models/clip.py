@@ -12,6 +12,7 @@ weights are QuickGELU: ``ViT-B-16-quickgelu``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -211,17 +212,23 @@ class _QuietFactory(logging.Filter):
         return not (from_factory and (record.levelno < logging.WARNING or "initialized randomly" in record.getMessage()))
 
 
+@contextlib.contextmanager
+def _quiet_open_clip():
+    root, quiet = logging.getLogger(), _QuietFactory()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def build_clip(name: str) -> torch.nn.Module:
     """The architecture ``name`` at random initialisation, by open_clip's factory, without its log lines."""
     if name not in open_clip.list_models():
         raise FmalibError(f"CLIP model {name!r} is not an open_clip model name (e.g. {TINY_CLIP}, "
                           f"ViT-B-16-quickgelu for OpenAI's ViT-B/16)")
-    root, quiet = logging.getLogger(), _QuietFactory()
-    root.addFilter(quiet)
-    try:
+    with _quiet_open_clip():
         return open_clip.create_model(name, pretrained=None, device="cpu")
-    finally:
-        root.removeFilter(quiet)
 
 
 def load_clip_state_dict(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -301,7 +308,8 @@ def _known_pretrained(sha256: str) -> str | None:
 
 def get_tokenizer(name: str):
     """open_clip's tokenizer for ``name`` (the standard BPE tokenizer; context length from the config)."""
-    return open_clip.get_tokenizer(name)
+    with _quiet_open_clip():
+        return open_clip.get_tokenizer(name)
 
 
 def image_normalization(model) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -7,8 +7,10 @@ key or shape. Nothing downstream assumes 1024 px: the input size is ``sam_image_
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -185,3 +187,32 @@ def load_sam(model_type: str, checkpoint: str | os.PathLike | None = None, devic
 def sam_image_size(model: Sam) -> int:
     """The square input size the image encoder expects (1024 for real SAM, 128 for the tiny one)."""
     return int(model.image_encoder.img_size)
+
+
+def sam_summary(model: Sam, model_type: str, checkpoint: str | os.PathLike | None = None) -> dict:
+    """What a user checks first about a loaded SAM (notebook 01): encoder size and the file. Meta's release
+    names carry the first 6 hex digits of the file's MD5 (``sam_vit_h_4b8939.pth``); where the name has
+    them they are checked, so a damaged download shows here."""
+    enc = model.image_encoder
+    ident = {"model_type": model_type, "params (M)": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+             "image size": sam_image_size(model), "patch size": int(enc.patch_embed.proj.kernel_size[0]),
+             "encoder width": int(enc.patch_embed.proj.out_channels), "encoder depth": len(enc.blocks),
+             "checkpoint": str(checkpoint) if checkpoint else None}
+    if checkpoint and not Path(checkpoint).is_file():
+        ident["checkpoint"] = f"{checkpoint} (absent: random init)"
+    elif checkpoint:
+        path = Path(checkpoint)
+        sha, md5 = hashlib.sha256(), hashlib.md5()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                sha.update(chunk)
+                md5.update(chunk)
+        ident["file MB"] = round(path.stat().st_size / 2**20, 1)
+        ident["sha256"] = sha.hexdigest()
+        m = re.fullmatch(r"sam_vit_[hlb]_([0-9a-f]{6})\.pth", path.name)
+        if m:
+            ok = md5.hexdigest().startswith(m.group(1))
+            ident["release checksum"] = (f"md5 starts with {m.group(1)}, as the name says" if ok else
+                                         f"md5 {md5.hexdigest()[:6]}... is not the name's {m.group(1)}: a damaged "
+                                         f"or different file")
+    return ident

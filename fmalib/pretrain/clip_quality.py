@@ -171,3 +171,24 @@ def hand_prompt_cam_panels(model, tokenizer: Callable, item: dict, class_names: 
                            align_corners=False)[0, 0].numpy()
         panels.append(heatmap(item["image"], up / max(float(up.max()), 1e-8)))
     return [item["image"], *panels], ["image", *[class_names[c - 1] for c in ids]]
+
+
+def zero_shot_table(model, tokenizer: Callable, items: Sequence[dict], class_names: Sequence[str],
+                    template: str = HAND_TEMPLATE, top_k: int = 3):
+    """Hand-prompt zero-shot scores of a few dataset items (notebook 01, any dataset): per image its labels,
+    the top-k classes by softmax over the fg prompts (scale exp(logit_scale)) and the rank of each label."""
+    import pandas as pd
+
+    text = text_features(model, tokenizer, class_names, template)
+    emb = image_embeddings(model, [it["image"] for it in items])
+    probs = (C.logit_scale(model).float() * emb @ text.T).softmax(-1).cpu().numpy()
+    rows = []
+    for it, p in zip(items, probs):
+        order = np.argsort(-p, kind="stable")
+        rank = {int(c): int(np.flatnonzero(order == c - 1)[0]) + 1 for c in it["labels"]}
+        rows.append({"id": it["id"], "labels": ", ".join(class_names[c - 1] for c in rank),
+                     **{f"top {k + 1}": f"{class_names[order[k]]} ({p[order[k]]:.2f})"
+                        for k in range(min(top_k, len(class_names)))},
+                     "label ranks": ", ".join(str(r) for r in rank.values()),
+                     "top 1 is a label": bool(rank) and min(rank.values()) == 1})
+    return pd.DataFrame(rows).set_index("id")

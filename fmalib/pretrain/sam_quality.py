@@ -178,3 +178,29 @@ def point_prompt_panels(model: Sam, sample) -> tuple[list[np.ndarray], list[str]
             panels.append(mask_mosaic(sample.image, m[level:level + 1], seed=k))
             titles.append(f"object {k}: {name} (pred IoU {sc[level]:.2f})")
     return panels, titles
+
+
+def amg_preview(model: Sam, images: Sequence[np.ndarray], masks_params, max_points_per_side: int = 16,
+                seed: int = 0) -> tuple[list[np.ndarray], list[str], dict]:
+    """segment_anything's automatic masks on a few images of any dataset (notebook 01), quickly: the
+    ``masks`` params' thresholds, at most ``max_points_per_side`` points a side and no crop layers (the
+    method's own multi-level masks are notebook 02's). Returns mosaics, titles and {masks_per_image,
+    s_per_image, points_per_side}."""
+    from ..viz import mask_mosaic
+
+    pps = min(int(masks_params["points_per_side"]), int(max_points_per_side))
+    gen = SamAutomaticMaskGenerator(model, points_per_side=pps, pred_iou_thresh=masks_params["pred_iou_thresh"],
+                                    stability_score_thresh=masks_params["stability_score_thresh"],
+                                    box_nms_thresh=masks_params["box_nms_thresh"], crop_n_layers=0,
+                                    min_mask_region_area=0, output_mode="binary_mask")
+    panels, titles, counts = [], [], []
+    t0 = time.perf_counter()
+    for k, image in enumerate(tqdm(images, desc="SAM automatic masks (preview)")):
+        records = sorted(gen.generate(image), key=lambda r: -r["area"])  # small masks painted last, on top
+        masks = np.stack([r["segmentation"] for r in records]) if records else np.zeros((0, *image.shape[:2]), bool)
+        panels += [image, mask_mosaic(image, masks, seed=seed + k)]
+        titles += ["image", f"{len(records)} masks"]
+        counts.append(len(records))
+    seconds = (time.perf_counter() - t0) / max(1, len(images))
+    return panels, titles, {"masks_per_image": float(np.mean(counts)) if counts else 0.0,
+                            "s_per_image": seconds, "points_per_side": pps}
