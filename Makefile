@@ -20,7 +20,8 @@ install:
 	-git config filter.nbstripout.required true
 
 test:
-	$(PY) -m pytest -q
+	# two workers, a file each: the two end-to-end study tests (toy notebooks, voc/coco params) overlap
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 foundation:
 	$(PY) -m fmalib foundation --params $(PARAMS)
