@@ -247,17 +247,3 @@ class Intervals:
         cut[runs.ends] = True
         index = np.cumsum(cut, dtype=np.int64) - 1
         return cls(np.flatnonzero(cut), index[runs.starts], index[runs.ends])
-
-
-def pairwise_intersections(runs: MaskRuns) -> np.ndarray:
-    """(N, N) intersection areas of the masks, from which masks cover each elementary interval."""
-    iv = Intervals.of(runs)
-    n_int = len(iv.bounds) - 1
-    cover = np.zeros((n_int + 1, runs.n), np.int8)
-    m = runs.mask_of_run
-    np.add.at(cover, (iv.first, m), 1)
-    np.add.at(cover, (iv.last, m), -1)
-    member = np.cumsum(cover[:-1], axis=0, dtype=np.int8).astype(np.float32)
-    # float32 is exact: every partial sum is an integer <= H * W < 2**24 for images up to 16 Mpx
-    weighted = member * np.diff(iv.bounds).astype(np.float32)[:, None]
-    return np.rint(weighted.T @ member).astype(np.int64)

@@ -22,7 +22,7 @@ from fmalib.masks import (
     run_mask_stage,
 )
 from fmalib.params import load_params
-from fmalib.rle import MaskRuns, decode_count_strings, pairwise_intersections
+from fmalib.rle import MaskRuns, decode_count_strings
 
 
 def blobs(rng, n, h, w):
@@ -59,13 +59,6 @@ def test_rle_round_trip_against_pycocotools():
     np.testing.assert_array_equal(mask_utils.decode(back.rles()).transpose(2, 0, 1), masks)
     with pytest.raises(FmalibError, match="missing array"):
         MaskSet.from_arrays({"size": np.array([2, 2])}, "x.npz")
-
-
-def test_pairwise_intersections_match_dense():
-    rng = np.random.default_rng(1)
-    masks = blobs(rng, 7, 23, 31)
-    flat = masks.reshape(7, -1).astype(np.int64)
-    np.testing.assert_array_equal(pairwise_intersections(MaskRuns.from_bool(masks)), flat @ flat.T)
 
 
 def _rect(h, w, y0, y1, x0, x1):
@@ -290,8 +283,8 @@ def test_generator_levels_bonuses_and_filter_with_a_scripted_decoder(one_thread)
     gen = _scripted_generator((5, 14, 40), (0.95, 0.95, 0.95), box_nms_thresh=0.9)
     raw, kept = gen.generate_unfiltered(image), gen.generate(image)
     assert (kept.levels == 2).sum() == (raw.levels == 2).sum() and len(kept) < len(raw)
-    runs = kept.runs()
-    inter, areas = pairwise_intersections(runs), runs.areas
+    flat = kept.to_bool().reshape(len(kept), -1).astype(np.int64)
+    inter, areas = flat @ flat.T, flat.sum(1)
     for i in np.flatnonzero(kept.levels < 2):  # parts vs wholes, subparts vs wholes + kept parts
         others = np.flatnonzero(kept.levels > kept.levels[i])
         assert (inter[i, others] / areas[i]).max(initial=0) < 0.3
