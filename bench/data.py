@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fmalib.core.params import load_params
 from fmalib.data.synthetic import generate_sample, sample_size, write_benchmark
-from fmalib.params import load_params
-from fmalib.results import write_bench
+from fmalib.study.results import write_bench
 
 
 def _du(path: Path) -> int:

@@ -11,13 +11,13 @@ import argparse
 import time
 
 from fmalib import study
+from fmalib.core.params import repo_root
 from fmalib.data import open_dataset
 from fmalib.models.clip import get_tokenizer, load_clip
 from fmalib.models.sam import load_sam
-from fmalib.params import repo_root
 from fmalib.pretrain.clip_quality import cam_peak_hit_rate, clip_quality
 from fmalib.pretrain.sam_quality import sam_quality
-from fmalib.results import write_bench
+from fmalib.study.results import write_bench
 
 TARGETS = {"clip_zero_shot_map": 0.85, "clip_cam_hit_rate": 0.70, "sam_point_best_of_3": 0.75,
            "sam_amg_recall": 0.80}

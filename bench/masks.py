@@ -1,6 +1,6 @@
 """Toy SAM mask stage: images/s on this CPU, masks per level, and cache bytes per image vs raw masks.
 
-Runs ``fmalib.masks.MultiLevelMaskGenerator`` with params/toy.yaml's settings on the first ``--images``
+Runs ``fmalib.method.generator.MultiLevelMaskGenerator`` with params/toy.yaml's settings on the first ``--images``
 train images (the tiny SAM from assets/tiny_sam.pth, or a random-init one while it is missing — then also
 with every threshold at 0, so that masks survive). Writes reports/bench/masks.json.
     python bench/masks.py [--images 20] [--threads 1 2]
@@ -16,10 +16,11 @@ import time
 import numpy as np
 import torch
 
+from fmalib.core.params import load_params, repo_root
 from fmalib.data import open_dataset
-from fmalib.masks import MultiLevelMaskGenerator, load_sam_from_params, sam_identity
-from fmalib.params import load_params, repo_root
-from fmalib.results import write_bench
+from fmalib.method.generator import MultiLevelMaskGenerator
+from fmalib.models.checkpoints import load_sam_from_params, sam_fingerprint
+from fmalib.study.results import write_bench
 
 
 def cache_bytes(masks) -> int:
@@ -62,7 +63,7 @@ def main(argv=None) -> dict:
     params = load_params(args.params)
     dataset = open_dataset(params, params["data"]["train_split"])
     images = [dataset[i]["image"] for i in range(min(args.images, len(dataset)))]
-    ident = sam_identity(params)
+    ident = sam_fingerprint(params)
     settings = [{}]
     if "random_init_seed" in ident:  # a random SAM passes no real threshold: measure with all of them off
         settings.append({"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0})

@@ -24,13 +24,15 @@ import numpy as np
 import torch
 
 import fmalib.study
-from fmalib.cache import atomic_write_text
-from fmalib.cam import argmax_seed_miou
+from fmalib.core.cache import atomic_write_text
+from fmalib.core.params import repo_root
 from fmalib.data import open_dataset
-from fmalib.params import repo_root
-from fmalib.prompts import build_prompts, classification_map, load_context
-from fmalib.train import (clip_key, cls_batch_loss, load_clip_from_params, seg_batch_loss, seg_training_seeds,
-                          train_prompts)
+from fmalib.method.objectives import cls_batch_loss, seg_batch_loss
+from fmalib.method.prompts import build_prompts
+from fmalib.models.checkpoints import clip_fingerprint, load_clip_from_params
+from fmalib.stages.cams import argmax_seed_miou
+from fmalib.stages.prompts import classification_map, load_context, train_prompts
+from fmalib.stages.seeds import seg_training_seeds
 
 log = logging.getLogger("bench.prompts")
 
@@ -71,8 +73,8 @@ def step_speed(params, model, stage: str, iters: int, size: int, n_classes: int)
 
 def vitb16_speed(stage: str, iters: int, device: str) -> dict:
     """ViT-B/16 (random init) at 224 px, batch 16, VOC's 20 classes + 25 bg prompts."""
+    from fmalib.core.params import load_params
     from fmalib.models.clip import load_clip
-    from fmalib.params import load_params
 
     params = load_params("params/voc.yaml", {"clip.checkpoint": None, "device": device})
     return step_speed(params, load_clip("ViT-B-16", None, torch.device(device)), stage, iters, 224, 20)
@@ -110,7 +112,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = fmalib.study.setup(args.params, fast=args.fast, device=args.device)
-    ident = clip_key(params)
+    ident = clip_fingerprint(params)
     if "random_init_seed" in ident:
         log.warning("no pretrained CLIP (%s): the quality numbers below are meaningless", params["clip"]["checkpoint"])
     model = load_clip_from_params(params)

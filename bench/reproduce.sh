@@ -6,7 +6,7 @@ PARAMS=${PARAMS:-params/toy.yaml}
 name=$(basename "$PARAMS" .yaml)
 rm -rf "reports/$name" "work/$name"
 # a generated benchmark is part of the cold run (never a user's dataset)
-synthetic_root=$(.venv/bin/python -c "from fmalib.params import load_params as L; p = L('$PARAMS'); \
+synthetic_root=$(.venv/bin/python -c "from fmalib.core.params import load_params as L; p = L('$PARAMS'); \
 print(p.resolve_path('data.root') if p['data']['kind'] == 'synthetic' else '')")
 [ -z "$synthetic_root" ] || rm -rf "$synthetic_root"
 load0=$(cut -d' ' -f1 /proc/loadavg)  # the 2 cores are shared: a busy machine explains a slow run

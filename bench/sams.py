@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from fmalib.params import repo_root
-from fmalib.rle import MaskRuns
-from fmalib.sams import sams_seed, upsample_cams
-from fmalib.results import write_bench
+from fmalib.core.params import repo_root
+from fmalib.method.rle import MaskRuns
+from fmalib.method.sams import sams_seed
+from fmalib.method.upsample import upsample_cams
+from fmalib.study.results import write_bench
 
 
 def load_reference():

@@ -1,6 +1,6 @@
 """Which settings the toy can take from the paper: the method end to end under several override sets.
 
-Each set is one ``fmalib.compare.settings_column`` (prompt training, CAMs, SAMS coarse and fine seeds; stage 2
+Each set is one ``fmalib.study.compare.settings_column`` (prompt training, CAMs, SAMS coarse and fine seeds; stage 2
 with ``--stage2``), on the params' own data and models, stages cached by what changes their result. The
 default sets are the toy's chosen settings, the paper's (``paper_settings``), and each of the paper's
 settings alone on top of the toy's, so every departure's cost or gain is measured separately.
@@ -15,9 +15,9 @@ import time
 import torch
 
 import fmalib.study
-from fmalib.compare import orderings, paper_params, settings_column
-from fmalib.params import load_params
-from fmalib.results import write_bench
+from fmalib.core.params import load_params
+from fmalib.study.compare import orderings, paper_params, settings_column
+from fmalib.study.results import write_bench
 
 
 def override_sets(params) -> dict[str, dict]:

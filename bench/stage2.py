@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from fmalib.core.params import load_params
 from fmalib.data import open_dataset
-from fmalib.params import load_params
 from fmalib.segment import load_segmenter, read_metrics, train_segmenter
-from fmalib.results import write_bench
+from fmalib.study.results import write_bench
 
 
 def main() -> dict:

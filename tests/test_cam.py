@@ -3,13 +3,17 @@ import numpy as np
 import pytest
 import torch
 
-from fmalib.cam import (bg_threshold_sweep, box_mask, caa_affinity, caa_refine, cam_argmax_seeds, gradcam,
-                        image_cams, load_cams, normalize_cams, run_cam_stage, sinkhorn)
-from fmalib.errors import FmalibError
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import load_params
+from fmalib.method.caa import box_mask, caa_affinity, caa_refine, sinkhorn
+from fmalib.method.cam import gradcam, normalize_cams
+from fmalib.method.image_cams import image_cams
+from fmalib.method.prompts import HandPrompts
+from fmalib.method.seed_rules import bg_threshold_sweep, cam_argmax_seeds
 from fmalib.models import clip as C
-from fmalib.params import load_params
-from fmalib.pretrain.clip_quality import hand_prompt_gradcam, to_input
-from fmalib.prompts import HandPrompts
+from fmalib.models.clip import to_input
+from fmalib.pretrain.clip_quality import hand_prompt_gradcam
+from fmalib.stages.cams import load_cams, run_cam_stage
 
 CFG = {"target": "prob", "target_layer": "ln1_out", "caa_last_k": 8, "sinkhorn_iters": 1}
 

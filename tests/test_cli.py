@@ -1,7 +1,6 @@
 import hashlib
 
-from fmalib.__main__ import main, parse_shard
-from fmalib.cli_study import write_asset_manifest
+from fmalib.study.cli import main, parse_shard, write_asset_manifest
 
 
 def test_data_stage_and_clear_error_exit(tmp_path, capsys):

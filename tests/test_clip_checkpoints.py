@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-from fmalib.errors import FmalibError
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import repo_root
 from fmalib.models import clip as C
-from fmalib.params import repo_root
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,10 +1,10 @@
 """The two-column study: paper_settings applied as overrides; orderings and the report's table per column."""
 import pytest
 
-from fmalib.compare import ORDERINGS, orderings, paper_params
-from fmalib.params import load_params
-from fmalib.report import settings_table
-from fmalib.results import record
+from fmalib.core.params import load_params
+from fmalib.study.compare import ORDERINGS, orderings, paper_params
+from fmalib.study.report import settings_table
+from fmalib.study.results import record
 
 
 def test_paper_params_apply_only_the_listed_departures():

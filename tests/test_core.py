@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import yaml
 
-from fmalib.cache import StageCache, atomic_path, atomic_save_npz, load_npz, stable_hash
+from fmalib.core.cache import StageCache, atomic_path, atomic_save_npz, load_npz, stable_hash
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import load_params, repo_root
 from fmalib.data.labels import VOC_PALETTE, read_label_png, write_label_png
-from fmalib.errors import FmalibError
-from fmalib.metrics import ConfusionMeter, confusion_matrix, iou_table, mean_iou
-from fmalib.params import load_params, repo_root
+from fmalib.method.metrics import ConfusionMeter, confusion_matrix, iou_table, mean_iou
 
 
 # ---------- params ----------

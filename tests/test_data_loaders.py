@@ -8,14 +8,14 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from fmalib.data import open_dataset
-from fmalib.data import stats
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import load_params
+from fmalib.data import open_dataset, stats
 from fmalib.data.coco import COCODataset
 from fmalib.data.labels import write_label_png
 from fmalib.data.synthetic import CLASS_NAMES, read_annotations, write_benchmark
 from fmalib.data.voc import VOC_CLASSES, VOCDataset
-from fmalib.errors import FmalibError
-from fmalib.params import load_params
+from fmalib.study.figures import sample_panels
 
 
 def _img(path, h, w, value):
@@ -234,7 +234,7 @@ def test_cooccurrence_in_written_benchmark(synthetic_root):
 
 def test_sample_panels_pair_images_with_overlays(synthetic_root):
     ds = VOCDataset(synthetic_root, "train", CLASS_NAMES)
-    images, titles = stats.sample_panels(ds, n=3, seed=1)
+    images, titles = sample_panels(ds, n=3, seed=1)
     assert len(images) == len(titles) == 6
     assert images[0].shape == images[1].shape and not np.array_equal(images[0], images[1])
     assert titles[1] == "GT" and titles[0].split("\n")[0] in ds.ids

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmalib.errors import FmalibError
-from fmalib.losses import (bg_negatives_contrastive_loss, cam_activation_loss, cam_activation_loss_pairs,
-                           multilabel_contrastive_loss)
+from fmalib.core.errors import FmalibError
+from fmalib.method.losses import (bg_negatives_contrastive_loss, cam_activation_loss, cam_activation_loss_pairs,
+                                  multilabel_contrastive_loss)
 
 
 def _absent_fg_reference(fg, present):

@@ -7,22 +7,15 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-import fmalib.masks as fm
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import load_params
 from fmalib.data import open_dataset
-from fmalib.errors import FmalibError
-from fmalib.masks import (
-    MaskSet,
-    bool_to_runs,
-    load_masks,
-    mask_cache,
-    nms_score,
-    overlap_filter,
-    passes_pred_iou,
-    remove_small_regions,
-    run_mask_stage,
-)
-from fmalib.params import load_params
-from fmalib.rle import MaskRuns, decode_count_strings
+from fmalib.method.generator import MultiLevelMaskGenerator, nms_score, passes_pred_iou, remove_small_regions
+from fmalib.method.masks import MaskSet, bool_to_runs
+from fmalib.method.overlap import overlap_filter
+from fmalib.method.rle import MaskRuns, decode_count_strings
+from fmalib.models.checkpoints import load_sam_from_params
+from fmalib.stages.masks import load_masks, mask_cache, run_mask_stage
 
 
 def blobs(rng, n, h, w):
@@ -137,7 +130,7 @@ def test_overlap_filter_equals_reference_loop(seed):
 def test_small_region_nms_uses_stock_scores():
     """After the clean-up, box NMS prefers unchanged masks (score 1) over changed ones (0), whatever their
     level: the whole bonus belongs to the per-crop NMS only."""
-    gen = fm.MultiLevelMaskGenerator.__new__(fm.MultiLevelMaskGenerator)
+    gen = MultiLevelMaskGenerator.__new__(MultiLevelMaskGenerator)
     gen.cfg = {"min_mask_region_area": 4, "box_nms_thresh": 0.7, "crop_nms_thresh": 0.7, "whole_nms_bonus": 1.0}
     whole = _rect(16, 16, 2, 14, 2, 14)
     whole[7, 7] = False  # a 1-px hole: the cleaning changes the whole
@@ -191,7 +184,7 @@ def toy_params(tmp_path):
 
 def test_interrupted_sharded_run_resumes(toy_params, monkeypatch, one_thread):
     calls = []
-    real_generate = fm.MultiLevelMaskGenerator.generate
+    real_generate = MultiLevelMaskGenerator.generate
 
     def counting_generate(self, image):
         if fail_after[0] is not None and len(calls) >= fail_after[0]:
@@ -199,9 +192,9 @@ def test_interrupted_sharded_run_resumes(toy_params, monkeypatch, one_thread):
         calls.append(image.shape)
         return real_generate(self, image)
 
-    monkeypatch.setattr(fm.MultiLevelMaskGenerator, "generate", counting_generate)
+    monkeypatch.setattr(MultiLevelMaskGenerator, "generate", counting_generate)
     torch.manual_seed(0)
-    model = fm.load_sam_from_params(toy_params)
+    model = load_sam_from_params(toy_params)
     fail_after = [None]
     cache = run_mask_stage(toy_params, "train", (0, 2), model=model)  # images 0 and 2
     assert len(calls) == 2 and len(cache.done_ids()) == 2
@@ -261,13 +254,13 @@ class _Discs(torch.nn.Module):
 
 def _scripted_generator(radii, ious, **overrides):
     torch.manual_seed(0)
-    model = fm.load_sam_from_params(load_params("params/toy.yaml", {"sam.checkpoint": "/nonexistent.pth"}))
+    model = load_sam_from_params(load_params("params/toy.yaml", {"sam.checkpoint": "/nonexistent.pth"}))
     model.prompt_encoder = _PointsAsEmbeddings()
     model.mask_decoder = _Discs(model.image_encoder.img_size, radii, ious)
     cfg = dict(load_params("params/toy.yaml").masks, points_per_side=4, points_per_batch=5,
                pred_iou_thresh=0.86, stability_score_thresh=0.92)
     cfg.update(overrides)
-    return fm.MultiLevelMaskGenerator(model, cfg)
+    return MultiLevelMaskGenerator(model, cfg)
 
 
 def test_generator_levels_bonuses_and_filter_with_a_scripted_decoder(one_thread):

@@ -4,7 +4,7 @@ import open_clip
 import pytest
 import torch
 
-from fmalib.errors import FmalibError
+from fmalib.core.errors import FmalibError
 from fmalib.models import clip as C
 
 TINY = C.TINY_CLIP

@@ -6,9 +6,9 @@ import pytest
 import torch
 from segment_anything import SamPredictor, sam_model_registry
 
-from fmalib.errors import FmalibError
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import load_params
 from fmalib.models.sam import build_sam_tiny, load_sam, sam_image_size
-from fmalib.params import load_params
 from fmalib.pretrain import sam as pt
 from fmalib.pretrain.sam_quality import amg_object_recall, center_point, point_prompt_iou
 

@@ -1,9 +1,9 @@
 """Every numbered notebook executes, in order, with papermill in fast mode on a tiny slice."""
 import pytest
 
-from fmalib.params import repo_root
-from fmalib.reproduce import notebook_paths, run_notebooks
-from fmalib.results import read_results
+from fmalib.core.params import repo_root
+from fmalib.study.reproduce import notebook_paths, run_notebooks
+from fmalib.study.results import read_results
 
 
 def test_every_notebook_runs_fast(tmp_path):

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fmalib.errors import FmalibError
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import load_params
+from fmalib.method.metrics import average_precision
 from fmalib.models import clip as C
-from fmalib.params import load_params
 from fmalib.pretrain import clip as P
 from fmalib.pretrain import clip_quality as Q
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,8 +90,8 @@ def test_patch_fractions_and_batch():
 
 
 def test_average_precision_and_peak():
-    assert Q.average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
-    assert np.isnan(Q.average_precision(np.array([0.1, 0.2]), np.array([0, 0])))
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
+    assert np.isnan(average_precision(np.array([0.1, 0.2]), np.array([0, 0])))
     gt = np.zeros((16, 16), np.uint8)
     gt[8:, 8:] = 3
     gt[8, 8:] = 255

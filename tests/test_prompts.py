@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from fmalib.errors import FmalibError
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import load_params
+from fmalib.method.objectives import cls_batch_loss, seg_batch_loss
+from fmalib.method.prompts import ClsPromptLearner, HandPrompts, SegPromptLearner, fg_similarity
 from fmalib.models.clip import get_tokenizer, load_clip, token_embedding
-from fmalib.params import load_params
-from fmalib.prompts import (ClsPromptLearner, HandPrompts, SegPromptLearner, classification_map, fg_similarity,
-                            load_context, save_context)
-from fmalib.train import (augment, batch_indices, cls_batch_loss, lr_at, seg_batch_loss, train_prompts)
+from fmalib.stages.prompt_data import augment, batch_indices
+from fmalib.stages.prompts import classification_map, load_context, lr_at, save_context, train_prompts
 
 NAMES = ["ball", "person with clothes,people,human", "boat"]
 BG = ["grass", "sky"]
@@ -93,7 +94,7 @@ def test_seg_pairs_come_from_the_cropped_seed_map(tiny):
     seeds[1, 30:40, 0:10] = 2
     seeds[1, 0:3, 0:3] = 3  # a class the image labels lack (seed noise) still makes a pair: the crop decides
     seeds[1, 40:] = 255
-    from fmalib.train import seg_pairs
+    from fmalib.method.objectives import seg_pairs
 
     assert seg_pairs(present, seeds, "crop").tolist() == [[True, False, False], [False, True, True]]
     assert seg_pairs(present, seeds, "image").tolist() == present.tolist()
@@ -105,8 +106,8 @@ def test_seg_pairs_come_from_the_cropped_seed_map(tiny):
         seg_batch_loss(model, pl, images[:1], present[:1], seeds[:1], pairs=pairs).backward()
         assert (pl.ctx.grad[2].abs().sum() > 0) == class3 and pl.ctx.grad[0].abs().sum() > 0
     # the crop pairs are the loss's pairs: equal to the CAM loss over exactly those (image, class) pairs
-    from fmalib.cam import gradcam
-    from fmalib.losses import cam_activation_loss_pairs
+    from fmalib.method.cam import gradcam
+    from fmalib.method.losses import cam_activation_loss_pairs
     from fmalib.models.clip import encode_image_tokens
 
     pl = SegPromptLearner(model, tok, NAMES, 2, n_ctx=4)
@@ -121,7 +122,7 @@ def test_seg_pairs_come_from_the_cropped_seed_map(tiny):
 
 
 def test_seg_prompt_layout_option_gives_the_coco_prompts(tiny, tmp_path):
-    from fmalib.prompts import build_prompts
+    from fmalib.method.prompts import build_prompts
 
     model, _ = tiny
     voc = build_prompts("seg", model, tiny_params(tmp_path))
@@ -232,8 +233,8 @@ def test_fg_similarity_and_map_against_background(tiny):
     model, tok = tiny
     assert fg_similarity(torch.nn.functional.normalize(torch.ones(4, 8), dim=-1), 3) == pytest.approx(1.0)
     assert fg_similarity(torch.eye(4), 3) == pytest.approx(0.0)
-    from fmalib.models.clip import encode_image_tokens, logit_scale
-    from fmalib.pretrain.clip_quality import average_precision, to_input
+    from fmalib.method.metrics import average_precision
+    from fmalib.models.clip import encode_image_tokens, logit_scale, to_input
 
     data = _Images(9)
     hand = HandPrompts(model, tok, NAMES, BG)
@@ -267,7 +268,7 @@ def test_seg_training_reads_seed_maps(tmp_path):
 
 def test_vit_b16_random_init_prompt_step_and_cam():
     """The paper's architecture end to end on CPU (few prompts: ViT-B's text tower dominates CPU time)."""
-    from fmalib.cam import image_cams
+    from fmalib.method.image_cams import image_cams
 
     torch.manual_seed(0)
     model = load_clip("ViT-B-16")

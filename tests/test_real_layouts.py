@@ -5,12 +5,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from fmalib.core.params import load_params
 from fmalib.data import open_dataset
 from fmalib.data.coco import COCODataset
-from fmalib.data.layouts import (COCO_CATEGORIES, COCO_STAND_INS, VOC_STAND_INS, write_coco_layout,
-                                 write_smoke_params, write_voc_layout)
+from fmalib.data.layouts import (COCO_CATEGORIES, COCO_STAND_INS, VOC_STAND_INS, write_coco_layout, write_smoke_params,
+                                 write_voc_layout)
 from fmalib.data.voc import VOC_CLASSES, VOCDataset, split_line_id
-from fmalib.params import load_params
 
 
 @pytest.fixture(scope="module")

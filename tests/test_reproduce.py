@@ -2,9 +2,9 @@
 import nbformat
 import pytest
 
-from fmalib.errors import FmalibError
-from fmalib.report import build_report, headline_table
-from fmalib.reproduce import run_notebooks
+from fmalib.core.errors import FmalibError
+from fmalib.study.report import build_report, headline_table
+from fmalib.study.reproduce import run_notebooks
 
 
 def _write_nb(path, *sources):
@@ -20,7 +20,7 @@ def _write_nb(path, *sources):
 def study(tmp_path):
     nbs = tmp_path / "nbs"
     nbs.mkdir()
-    _write_nb(nbs / "00_a.ipynb", "from fmalib.results import record\n"
+    _write_nb(nbs / "00_a.ipynb", "from fmalib.study.results import record\n"
               "record(out_dir, '04_coarse_seeds', coarse_seed_miou=0.5)\nprint('made A')\n"
               "import sys; print('a progress log', file=sys.stderr)")
     _write_nb(nbs / "01_b.ipynb", "x = 1", "assert fast is False, 'fast mode reached the notebook'")
@@ -57,8 +57,8 @@ def test_report_has_headline_and_outputs_without_code(study):
 
 
 def test_ordering_and_ablation_tables_read_recorded_results(tmp_path):
-    from fmalib.report import ablation_table, ordering_check
-    from fmalib.results import record
+    from fmalib.study.report import ablation_table, ordering_check
+    from fmalib.study.results import record
 
     record(tmp_path, "04_coarse_seeds", coarse_seed_miou=0.6, cam_argmax_miou=0.4)
     record(tmp_path, "06_fine_seeds", fine_seed_miou=0.55)

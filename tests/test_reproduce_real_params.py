@@ -13,10 +13,10 @@ import time
 
 import pytest
 
+from fmalib.core.params import repo_root
 from fmalib.data.layouts import write_coco_layout, write_voc_layout
-from fmalib.params import repo_root
-from fmalib.reproduce import notebook_paths
-from fmalib.results import read_results
+from fmalib.study.reproduce import notebook_paths
+from fmalib.study.results import read_results
 
 WRITERS = {"voc": write_voc_layout, "coco": write_coco_layout}
 

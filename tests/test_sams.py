@@ -9,18 +9,11 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from fmalib.errors import FmalibError
-from fmalib.rle import MaskRuns
-from fmalib.sams import (
-    bg_power_sweep,
-    choose_bg_power,
-    mask_cam_scores,
-    present_cams,
-    sams_assign,
-    sams_prepare,
-    sams_seed,
-    upsample_cams,
-)
+from fmalib.core.errors import FmalibError
+from fmalib.method.rle import MaskRuns
+from fmalib.method.sams import (bg_power_sweep, choose_bg_power, mask_cam_scores, present_cams, sams_assign,
+                                sams_prepare, sams_seed)
+from fmalib.method.upsample import upsample_cams
 
 
 def reference_upsample_relu(cam, size):

@@ -6,14 +6,15 @@ import json
 import numpy as np
 import pytest
 
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import load_params
 from fmalib.data import open_dataset
 from fmalib.data.labels import read_label_png
-from fmalib.errors import FmalibError
-from fmalib.masks import MaskSet, mask_cache, save_masks
-from fmalib.metrics import mean_iou
-from fmalib.params import load_params
-from fmalib.rle import MaskRuns
-from fmalib.seeds import evaluate_seeds, make_seeds, seed_power_sweep
+from fmalib.method.masks import MaskSet
+from fmalib.method.metrics import mean_iou
+from fmalib.method.rle import MaskRuns
+from fmalib.stages.masks import mask_cache, save_masks
+from fmalib.stages.seeds import evaluate_seeds, make_seeds, seed_power_sweep
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Stage 2 on Detectron2: dataset registration, augmentation, training + resume, evaluation vs fmalib.metrics."""
+"""Stage 2 on Detectron2: dataset registration, augmentation, training + resume, evaluation vs fmalib.method.metrics."""
 from __future__ import annotations
 
 import json
@@ -12,20 +12,15 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (make inst
 
 import torch  # noqa: E402
 
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import load_params
 from fmalib.data import open_dataset  # noqa: E402
 from fmalib.data.labels import read_label_png, write_label_png  # noqa: E402
-from fmalib.errors import FmalibError  # noqa: E402
-from fmalib.metrics import ConfusionMeter, iou_per_class, mean_iou  # noqa: E402
-from fmalib.params import load_params  # noqa: E402
+from fmalib.method.metrics import ConfusionMeter, iou_per_class, mean_iou
 from fmalib.segment import compat  # noqa: E402
 from fmalib.segment import evaluate as seg_eval  # noqa: E402
 from fmalib.segment.config import build_config  # noqa: E402
-from fmalib.segment.datasets import (  # noqa: E402
-    SemSegMapper,
-    random_scale_crop_flip,
-    register_gt,
-    register_pseudo,
-)
+from fmalib.segment.datasets import SemSegMapper, random_scale_crop_flip, register_gt, register_pseudo  # noqa: E402
 from fmalib.segment.train import read_metrics, train_segmenter  # noqa: E402
 
 # A tiny, fast schedule: R18 with narrow FPN/head (GroupNorm needs multiples of 32), 64 px crops, no rescale.
@@ -63,8 +58,8 @@ def test_compat_bridges_only_what_is_missing():
 
     assert Image.LINEAR == Image.BILINEAR
     assert np.int is int or not any("np.int" in a for a in compat.APPLIED)
-    import detectron2.evaluation  # noqa: F401  (imports detectron2._C at import time)
     import detectron2._C as ops
+    import detectron2.evaluation  # noqa: F401  (imports detectron2._C at import time)
 
     if "detectron2._C placeholder" in compat.APPLIED:
         with pytest.raises(AttributeError, match="DETECTRON2_SRC"):
@@ -224,24 +219,24 @@ def test_configs_build_models_for_any_image_size(params, model, depth):
 
 
 def test_cli_trains_and_evaluates(params, trained, tmp_path, capsys):
-    from fmalib.segment import main
+    from fmalib.study.cli import main
 
     out, _ = trained
     overrides = [f"--set={k}={json.dumps(v)}" for k, v in TINY.items()] + [
         f"--set=data.root={params.data.root}", f"--set=workdir={tmp_path}", "--set=data.synthetic.n_train=6",
         "--set=data.synthetic.n_val=4", "--set=data.synthetic.size_min=64", "--set=data.synthetic.size_max=72"]
     # the same settings as the fixture's run: the CLI finds it trained and only evaluates
-    assert main(["--params", "params/toy.yaml", *overrides, "--out", str(out)]) == 0
+    assert main(["stage2", "--params", "params/toy.yaml", *overrides, "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["train"]["iters"] == 8 and report["train"]["resumed_from"] == 0
     assert report["eval"]["n_images"] == 4 and 0 <= report["eval"]["miou"] <= 1
-    assert main(["--params", "params/toy.yaml", *overrides, "--labels", str(tmp_path / "nope")]) == 2
+    assert main(["stage2", "--params", "params/toy.yaml", *overrides, "--labels", str(tmp_path / "nope")]) == 2
     assert "pseudo-label folder" in capsys.readouterr().err
 
 
 def test_pseudo_label_dir_contract(params, tmp_path):
-    from fmalib.results import record
-    from fmalib.segment.summary import pseudo_label_dir
+    from fmalib.study.results import record
+    from fmalib.study.stage2 import pseudo_label_dir
 
     with pytest.raises(FmalibError, match="06_fine_seeds"):
         pseudo_label_dir(params, tmp_path)  # notebook 06 has not run, stage2.labels is null

@@ -12,8 +12,8 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (make inst
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from fmalib.errors import FmalibError  # noqa: E402
-from fmalib.params import load_params  # noqa: E402
+from fmalib.core.errors import FmalibError
+from fmalib.core.params import load_params
 from fmalib.segment.config import build_config  # noqa: E402
 from fmalib.segment.weights import backbone_keys, checkpointer_class, torchvision_to_detectron2  # noqa: E402
 

@@ -7,9 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from fmalib.core.errors import FmalibError
 from fmalib.data import synthetic as syn
 from fmalib.data.labels import read_label_png
-from fmalib.errors import FmalibError
 
 
 @pytest.fixture(scope="module")

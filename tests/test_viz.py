@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from fmalib import viz
+from fmalib.study import viz
 
 
 def test_overlay_keeps_background_and_colours_classes():

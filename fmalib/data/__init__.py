@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import FmalibError
+from ..core.errors import FmalibError
+from .coco import COCODataset
+from .synthetic import CLASS_NAMES, write_benchmark
+from .voc import VOC_CLASSES, VOCDataset
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +24,6 @@ def open_dataset(params, split: str):
     settings) and reads it through the VOC loader; voc: ``VOCDataset`` (train / train_aug / val);
     coco: ``COCODataset`` (train / val).
     """
-    from .synthetic import CLASS_NAMES, write_benchmark
-    from .voc import VOC_CLASSES, VOCDataset
 
     data = params["data"]
     kind = data["kind"]
@@ -40,7 +41,6 @@ def open_dataset(params, split: str):
     if kind == "voc":
         ds = VOCDataset(root, split, VOC_CLASSES)
     else:
-        from .coco import COCODataset
 
         ds = COCODataset(root, split)
     # prompts are built from classes.names and labels from the dataset's ids: they must be the same list

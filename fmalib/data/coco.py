@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+from pycocotools.coco import COCO
 
-from ..errors import FmalibError
+from ..core.errors import FmalibError
 from .voc import read_image
 
 COCO_LAYOUT = """expected layout (COCO 2014):
@@ -37,7 +38,6 @@ class COCODataset:
 
     def __init__(self, root: str | os.PathLike, split: str, ann_file: str | os.PathLike | None = None,
                  image_dir: str | os.PathLike | None = None, include_empty: bool = False):
-        from pycocotools.coco import COCO
 
         self.root = Path(root)
         self.split = split

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..cache import atomic_write_bytes
-from ..errors import FmalibError
+from ..core.cache import atomic_write_bytes
+from ..core.errors import FmalibError
 
 
 def _voc_palette() -> list[int]:

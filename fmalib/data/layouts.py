@@ -24,7 +24,8 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ..errors import FmalibError
+from ..core.errors import FmalibError
+from ..core.params import load_params
 from .labels import label_to_png_bytes
 from .synthetic import CLASS_NAMES, generate_sample, sample_size
 from .voc import VOC_CLASSES
@@ -164,7 +165,6 @@ def write_smoke_params(params_path: str | os.PathLike, data_root: str | os.PathL
                        workdir: str | os.PathLike | None = None, overrides: dict | None = None) -> Path:
     """A copy of a params file with its ``fast:`` overrides applied (tiny models, few iterations), ``data.root``
     pointing at ``data_root`` and an empty ``fast:`` — what ``make reproduce PARAMS=<copy>`` runs."""
-    from ..params import load_params
 
     src = load_params(params_path)
     merged = {**src["fast"], "data.root": str(Path(data_root).resolve()), **(overrides or {})}

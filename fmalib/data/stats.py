@@ -73,17 +73,3 @@ def class_cooccurrence(dataset) -> pd.DataFrame:
         idx = np.asarray(labs, int) - 1
         m[np.ix_(idx, idx)] += 1
     return pd.DataFrame(m, index=dataset.class_names, columns=dataset.class_names)
-
-
-def sample_panels(dataset, n: int = 8, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
-    """n random samples as (image, GT overlay) panel pairs with titles, for ``fmalib.viz.image_grid``."""
-    from ..viz import overlay
-
-    rng = np.random.default_rng(seed)
-    images, titles = [], []
-    for i in sorted(rng.choice(len(dataset), size=min(n, len(dataset)), replace=False).tolist()):
-        item = dataset[i]
-        names = ", ".join(dataset.class_names[j - 1] for j in item["labels"])
-        images += [item["image"], overlay(item["image"], item["gt"]) if item["gt"] is not None else item["image"]]
-        titles += [f"{item['id']}\n{names}", "GT"]
-    return images, titles

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
-from ..errors import FmalibError
-from .labels import label_to_png_bytes
+from ..core.errors import FmalibError
+from .labels import label_to_png_bytes, read_label_png
 
 log = logging.getLogger(__name__)
 
@@ -634,7 +635,6 @@ def _map(fn, jobs, workers: int):
     if workers <= 1:
         yield from map(fn, jobs)
         return
-    import multiprocessing as mp
 
     with mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
         yield from pool.imap(fn, jobs, chunksize=8)
@@ -655,7 +655,6 @@ def read_annotations(root: str | os.PathLike) -> dict:
 
 def load_sample(root: str | os.PathLike, image_id: str, annotations: dict | None = None) -> Sample:
     """A written sample back as a ``Sample`` (image, GT and masks from disk)."""
-    from .labels import read_label_png
 
     root = Path(root)
     ann = (annotations or read_annotations(root))["images"][image_id]

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ..errors import FmalibError
+from ..core.errors import FmalibError
 from .labels import read_label_png
 
 VOC_CLASSES: tuple[str, ...] = (

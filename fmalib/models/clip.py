@@ -22,13 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip import pretrained as P
+from open_clip.factory import convert_state_dict
 from open_clip.factory import load_state_dict as _oc_load_state_dict
+from open_clip.model import resize_pos_embed as oc_resize_pos_embed
+from open_clip.model import resize_text_pos_embed
 from open_clip.transformer import ResidualAttentionBlock
 
-from ..errors import FmalibError
+from ..core.errors import FmalibError
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +238,6 @@ def build_clip(name: str) -> torch.nn.Module:
 
 def load_clip_state_dict(model: torch.nn.Module, state: dict, source: str) -> None:
     """Check key by key, then load as open_clip's ``load_checkpoint`` does (same adaptations, strict)."""
-    from open_clip.factory import convert_state_dict
-    from open_clip.model import resize_pos_embed as oc_resize_pos_embed, resize_text_pos_embed
-
     state = convert_state_dict(model, state)
     if "logit_scale" in state and model.logit_scale.ndim != state["logit_scale"].ndim:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
@@ -297,8 +299,6 @@ def clip_identity(model, name: str) -> dict:
 
 def _known_pretrained(sha256: str) -> str | None:
     """"<model> / <tag>" of open_clip's table whose download URL carries this SHA-256 (OpenAI's do)."""
-    from open_clip import pretrained as P
-
     for model in open_clip.list_models():
         for tag in P.list_pretrained_tags_by_model(model):
             if sha256 in P.get_pretrained_cfg(model, tag).get("url", ""):
@@ -323,6 +323,20 @@ def image_normalization(model) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def patch_size(model) -> int:
     p = model.visual.patch_size
     return int(p[0] if isinstance(p, (tuple, list)) else p)
+
+def to_input(model, image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> normalised (1, 3, H', W') with sides rounded to a multiple of the patch size."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise FmalibError(f"expected a uint8 (H, W, 3) image; got {image.dtype} {image.shape}")
+    p = patch_size(model)
+    mean, std = image_normalization(model)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    h, w = image.shape[:2]
+    hh, ww = max(p, int(round(h / p)) * p), max(p, int(round(w / p)) * p)
+    if (hh, ww) != (h, w):
+        x = F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return x.to(next(model.parameters()).device)
 
 
 def logit_scale(model) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from ..errors import FmalibError
+from ..core.errors import FmalibError
 
 log = logging.getLogger(__name__)
 

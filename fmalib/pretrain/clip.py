@@ -38,14 +38,17 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+import yaml
 from tqdm.auto import tqdm
 
-from ..cache import atomic_save_npz, atomic_write_bytes, load_npz, stable_hash
-from ..data.synthetic import check_outside_splits, split_sizes
-from ..errors import FmalibError
+from ..core.cache import atomic_save_npz, atomic_write_bytes, load_npz, stable_hash
+from ..core.device import seed_everything
+from ..core.errors import FmalibError
+from ..core.params import Params, load_params, repo_root, validate
+from ..data.synthetic import (CLASS_NAMES, GENERATOR_VERSION, STUFF_NAMES, check_outside_splits, generate_sample,
+                              make_caption, sample_ids, sample_size, split_sizes)
 from ..models import clip as C
-from ..params import Params, load_params, repo_root, validate
-from ..utils import seed_everything
+from .clip_quality import cam_peak_hit_rate, zero_shot_map
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,6 @@ def pretrain_config(params: Params) -> dict:
 
 def concept_names() -> list[str]:
     """6 object classes then 6 stuff names: the concepts the loss scores."""
-    from ..data.synthetic import CLASS_NAMES, STUFF_NAMES
 
     return list(CLASS_NAMES) + list(STUFF_NAMES)
 
@@ -103,7 +105,6 @@ def concept_names() -> list[str]:
 def patch_fractions(sample, patch: int) -> np.ndarray:
     """float16 (h, w, K) fraction of each patch's labelled pixels per concept (objects over stuff; the 255
     boundary band ignored; all zeros for a patch of boundary only)."""
-    from ..data.synthetic import CLASS_NAMES, STUFF_NAMES
 
     h, w = sample.semantic.shape
     k = len(CLASS_NAMES) + len(STUFF_NAMES)
@@ -119,7 +120,6 @@ def patch_fractions(sample, patch: int) -> np.ndarray:
 
 
 def _pool_item(args) -> tuple:
-    from ..data.synthetic import STUFF_NAMES, generate_sample, sample_size
 
     seed, index, size_range, patch = args
     hw = sample_size(seed, index, size_range)
@@ -155,7 +155,6 @@ def build_pool(seed: int, offset: int, n: int, size_range: tuple[int, int], patc
 
 def cached_pool(cfg: dict, params: Params, cache_dir: Path, workers: int) -> dict:
     """``build_pool`` once per settings; stored as one npz under the run's cache dir."""
-    from ..data.synthetic import GENERATOR_VERSION
 
     syn = params["data"]["synthetic"]
     key = dict(seed=syn["seed"], offset=cfg["pool_offset"], n=cfg["pool_size"], lo=syn["size_min"],
@@ -178,7 +177,6 @@ def cached_pool(cfg: dict, params: Params, cache_dir: Path, workers: int) -> dic
 
 
 def object_caption(objects: np.ndarray) -> str:
-    from ..data.synthetic import make_caption
 
     return make_caption([int(c) for c in objects if c > 0])
 
@@ -275,7 +273,6 @@ def state_bytes(model, fp16: bool) -> bytes:
 
 def val_set(params: Params, n: int) -> tuple[list, list, list]:
     """First ``n`` val images, labels and GT exactly as the benchmark writes them (no disk needed)."""
-    from ..data.synthetic import generate_sample, sample_ids, sample_size
 
     syn = params["data"]["synthetic"]
     rng = (syn["size_min"], syn["size_max"])
@@ -285,7 +282,6 @@ def val_set(params: Params, n: int) -> tuple[list, list, list]:
 
 
 def evaluate(model, tokenizer, params: Params, val: tuple) -> dict:
-    from .clip_quality import cam_peak_hit_rate, zero_shot_map
 
     names, bg = params["classes"]["synonyms"], params["classes"]["bg_words"]
     was = model.training
@@ -406,7 +402,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    import yaml
 
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.override)}
     report = pretrain_clip(load_params(args.params, overrides), args.steps, args.output,

@@ -2,7 +2,7 @@
 
 - ``zero_shot_map``: multi-label mAP of S_k = cos(image embedding, text_k) over a split (METHOD §1 image
   embedding: mean of projected patch tokens), prompts ``"a clean origami {}."`` (CLIP-ES's template).
-- ``cam_peak_hit_rate``: hand-prompt Grad-CAM (``fmalib.cam.gradcam``, METHOD §4: at ``target_layer`` — the
+- ``cam_peak_hit_rate``: hand-prompt Grad-CAM (``fmalib.method.cam.gradcam``, METHOD §4: at ``target_layer`` — the
   last block's ln_1 output by default, the original's — softmax over present fg classes + bg prompts,
   backprop the class probability, channel weights = mean gradient, ReLU) peaks inside the labelled object;
   one count per (image, present class).
@@ -14,31 +14,18 @@ import logging
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import FmalibError
+from ..core.errors import FmalibError
+from ..method.cam import gradcam
+from ..method.metrics import average_precision, multi_hot
+from ..method.prompts import HAND_TEMPLATE
 from ..models import clip as C
 
 log = logging.getLogger(__name__)
-
-HAND_TEMPLATE = "a clean origami {}."
-
-
-def to_input(model, image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> normalised (1, 3, H', W') with sides rounded to a multiple of the patch size."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise FmalibError(f"expected a uint8 (H, W, 3) image; got {image.dtype} {image.shape}")
-    p = C.patch_size(model)
-    mean, std = C.image_normalization(model)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
-    h, w = image.shape[:2]
-    hh, ww = max(p, int(round(h / p)) * p), max(p, int(round(w / p)) * p)
-    if (hh, ww) != (h, w):
-        x = F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False)
-    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    return x.to(next(model.parameters()).device)
 
 
 @torch.no_grad()
@@ -51,29 +38,9 @@ def text_features(model, tokenizer: Callable, words: Sequence[str], template: st
 @torch.no_grad()
 def image_embeddings(model, images: Sequence[np.ndarray]) -> torch.Tensor:
     """(N, D) L2-normalised image embeddings (mean of projected patch tokens), one image at a time (sizes vary)."""
-    out = [C.encode_image_tokens(model, to_input(model, im)).image_embed.float()
+    out = [C.encode_image_tokens(model, C.to_input(model, im)).image_embed.float()
            for im in tqdm(images, desc="clip image embeddings", leave=False)]
     return F.normalize(torch.cat(out), dim=-1)
-
-
-def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Non-interpolated AP (sklearn's definition); nan when there is no positive."""
-    targets = np.asarray(targets, bool)
-    if not targets.any():
-        return float("nan")
-    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
-    hits = targets[order]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision[hits].mean())
-
-
-def multi_hot(labels: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
-    """(N, C) bool from per-image fg ids (1..C)."""
-    y = np.zeros((len(labels), num_classes), bool)
-    for i, ids in enumerate(labels):
-        for c in ids:
-            y[i, int(c) - 1] = True
-    return y
 
 
 def zero_shot_map(model, tokenizer: Callable, images: Sequence[np.ndarray], labels: Sequence[Sequence[int]],
@@ -88,12 +55,11 @@ def zero_shot_map(model, tokenizer: Callable, images: Sequence[np.ndarray], labe
 
 def hand_prompt_gradcam(model, x: torch.Tensor, text: torch.Tensor, classes: Sequence[int],
                         target_layer: str = "ln1_out") -> np.ndarray:
-    """Grad-CAMs (len(classes), h, w), ReLU'd, of one image ``x`` (1, 3, H, W) by ``fmalib.cam.gradcam``.
+    """Grad-CAMs (len(classes), h, w), ReLU'd, of one image ``x`` (1, 3, H, W) by ``fmalib.method.cam.gradcam``.
 
     ``text`` (K, D) normalised prompts whose softmax the CAM differentiates: the image's present fg classes
     and the bg prompts; ``classes`` index rows of ``text``; ``target_layer`` as params ``cam.target_layer``.
     """
-    from ..cam import gradcam  # lazy: fmalib.cam imports this module
 
     with torch.no_grad():
         out = C.encode_image_tokens(model, x)
@@ -127,7 +93,7 @@ def cam_peak_hit_rate(model, tokenizer: Callable, images: Sequence[np.ndarray], 
         if not ids:
             continue
         text = torch.cat([fg[[c - 1 for c in ids]], bg])
-        cams = hand_prompt_gradcam(model, to_input(model, im), text, range(len(ids)), target_layer)
+        cams = hand_prompt_gradcam(model, C.to_input(model, im), text, range(len(ids)), target_layer)
         for cam, c in zip(cams, ids):
             hit = peak_in_object(cam, gt, c)
             hits.append(hit)
@@ -154,30 +120,10 @@ def clip_quality(model, tokenizer: Callable, dataset, class_names: Sequence[str]
     return res
 
 
-def hand_prompt_cam_panels(model, tokenizer: Callable, item: dict, class_names: Sequence[str],
-                           bg_words: Sequence[str], template: str = HAND_TEMPLATE,
-                           target_layer: str = "ln1_out") -> tuple[list, list]:
-    """Zero-shot hand-prompt Grad-CAM heat maps of one dataset item, one per present class (notebook 01)."""
-    from ..viz import heatmap
-
-    ids = [int(c) for c in item["labels"]]
-    text = torch.cat([text_features(model, tokenizer, [class_names[c - 1] for c in ids], template),
-                      text_features(model, tokenizer, bg_words, template)])
-    cams = hand_prompt_gradcam(model, to_input(model, item["image"]), text, range(len(ids)), target_layer)
-    h, w = item["image"].shape[:2]
-    panels = []
-    for cam in cams:
-        up = F.interpolate(torch.from_numpy(cam)[None, None].float(), size=(h, w), mode="bilinear",
-                           align_corners=False)[0, 0].numpy()
-        panels.append(heatmap(item["image"], up / max(float(up.max()), 1e-8)))
-    return [item["image"], *panels], ["image", *[class_names[c - 1] for c in ids]]
-
-
 def zero_shot_table(model, tokenizer: Callable, items: Sequence[dict], class_names: Sequence[str],
                     template: str = HAND_TEMPLATE, top_k: int = 3):
     """Hand-prompt zero-shot scores of a few dataset items (notebook 01, any dataset): per image its labels,
     the top-k classes by softmax over the fg prompts (scale exp(logit_scale)) and the rank of each label."""
-    import pandas as pd
 
     text = text_features(model, tokenizer, class_names, template)
     emb = image_embeddings(model, [it["image"] for it in items])

@@ -45,15 +45,17 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm.auto import tqdm
 
-from ..cache import atomic_write_bytes, stable_hash
-from ..data.synthetic import check_outside_splits, split_sizes
-from ..errors import FmalibError
-from ..params import Params, load_params, validate
-from ..utils import seed_everything
+from ..core.cache import atomic_write_bytes, stable_hash
+from ..core.device import seed_everything
+from ..core.errors import FmalibError
+from ..core.params import Params, load_params, validate
+from ..data.synthetic import check_outside_splits, generate_sample, sample_size, split_sizes
+from ..models.sam import TINY_SAM_CONFIG, build_sam_tiny, load_sam
+from .regions import PAD, region_maps
+from .sam_quality import sam_quality
 
 log = logging.getLogger(__name__)
 
-PAD = 255  # region index of the padding outside the resized image
 
 # foundation.sam in the params (validated here: the top-level SCHEMA only says "a mapping")
 PRETRAIN_SCHEMA: dict[str, Any] = {
@@ -95,40 +97,6 @@ def pretrain_config(params: Params) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- regions
-
-def region_maps(sample) -> tuple[np.ndarray, np.ndarray, int]:
-    """(whole, part, n_instances) uint8 (H, W) index maps of a synthetic ``Sample``.
-
-    Wholes 0..n_instances-1 are the instances, the rest the visible stuff bands; part indices are global
-    and a one-part instance or a stuff band is its own single part.
-    """
-    h, w = sample.image.shape[:2]
-    whole = np.full((h, w), PAD, np.uint8)
-    part = np.full((h, w), PAD, np.uint8)
-    covered = np.zeros((h, w), bool)
-    n_part = 0
-    for i, inst in enumerate(sample.instances):
-        whole[inst.mask] = i
-        covered |= inst.mask
-        for pm in (inst.parts if len(inst.parts) > 1 else [inst.mask]):
-            part[pm & inst.mask] = n_part
-            n_part += 1
-        rest = inst.mask & (part == PAD)  # pixels no part claims (not expected): a part of their own
-        if rest.any():
-            part[rest] = n_part
-            n_part += 1
-    k = len(sample.instances)
-    for _, sm in sample.stuff:
-        vis = sm & ~covered
-        if vis.any():
-            whole[vis] = k
-            part[vis] = n_part
-            k += 1
-            n_part += 1
-    if k > PAD or n_part > PAD or (whole == PAD).any():
-        raise FmalibError(f"synthetic sample: {k} regions / {n_part} parts or uncovered pixels; expected < {PAD}, none")
-    return whole, part, len(sample.instances)
-
 
 @dataclass
 class PointRegions:
@@ -276,7 +244,6 @@ def object_fraction(cfg: Mapping, step: int) -> float:
 
 def make_batch(params: Params, cfg: Mapping, step: int, size: int):
     """Images and point targets of training step ``step`` — a pure function of (params, step)."""
-    from ..data.synthetic import generate_sample, sample_size
 
     seed, syn = cfg["seed"], params["data"]["synthetic"]
     size_range = (syn["size_min"], syn["size_max"])
@@ -330,7 +297,6 @@ def train_step(model: Sam, opt: torch.optim.Optimizer, batch, cfg: Mapping, step
 # ------------------------------------------------------------------------------------------- driver
 
 def state_dir(params: Params, cfg: Mapping) -> Path:
-    from ..models.sam import TINY_SAM_CONFIG
 
     key = {"cfg": {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "output", "eval")},
            "arch": TINY_SAM_CONFIG, "data": params["data"]["synthetic"]}
@@ -357,7 +323,6 @@ def save_weights(model: Sam, path: Path, fp16: bool) -> Path:
 
 def export_from_state(params: Params, output: str | Path | None = None, steps: int | None = None) -> Path:
     """Write the weights of the last checkpoint of this params' run (an interrupted run's best so far)."""
-    from ..models.sam import build_sam_tiny
 
     cfg = pretrain_config(params)
     if steps is not None:
@@ -377,7 +342,6 @@ def export_from_state(params: Params, output: str | Path | None = None, steps: i
 def pretrain_sam(params: Params, steps: int | None = None, output: str | Path | None = None,
                  evaluate: bool = True) -> dict:
     """Train (resuming from the last checkpoint in the state dir), save the weights, report quality."""
-    from ..models.sam import build_sam_tiny
 
     cfg = pretrain_config(params)
     if steps is not None:
@@ -423,9 +387,6 @@ def pretrain_sam(params: Params, steps: int | None = None, output: str | Path | 
               "img_per_s": n_img / train_s if n_img else None, "weights": str(out),
               "weights_mb": out.stat().st_size / 1e6, "state_dir": str(sdir)}
     if evaluate:
-        from ..models.sam import load_sam
-        from .sam_quality import sam_quality
-
         report["quality"] = sam_quality(load_sam("fmalib_tiny", out), params)
     (sdir / "report.json").write_text(json.dumps(report, indent=1))
     log.info("SAM pretraining report: %s", json.dumps(report))

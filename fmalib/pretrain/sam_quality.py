@@ -22,15 +22,17 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
-from ..params import Params
-from .sam import region_maps
+from ..core.errors import FmalibError
+from ..core.params import Params
+from ..data.synthetic import generate_sample, sample_ids, sample_size
+from ..method.generator import MultiLevelMaskGenerator
+from .regions import region_maps
 
 log = logging.getLogger(__name__)
 
 
 def val_samples(params: Params, n: int, split: str = "val") -> list:
     """The first ``n`` samples of a split of the synthetic benchmark, exactly as write_benchmark draws them."""
-    from ..data.synthetic import generate_sample, sample_ids, sample_size
 
     syn = params["data"]["synthetic"]
     size_range = (syn["size_min"], syn["size_max"])
@@ -51,7 +53,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def _predict_points(predictor: SamPredictor, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def predict_points(predictor: SamPredictor, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Multimask masks (P, 3, H, W) bool and predicted IoUs (P, 3) for single positive points (x, y)."""
     coords = predictor.transform.apply_coords(xy.astype(np.float64), predictor.original_size)
     coords_t = torch.as_tensor(coords, dtype=torch.float, device=predictor.device)[:, None, :]
@@ -68,7 +70,7 @@ def point_prompt_iou(model: Sam, samples: Sequence) -> dict:
     for s in tqdm(samples, desc="SAM point-prompt IoU"):
         predictor.set_image(s.image)
         xy = np.array([center_point(inst.mask) for inst in s.instances])
-        masks, scores = _predict_points(predictor, xy)
+        masks, scores = predict_points(predictor, xy)
         for inst, m, sc in zip(s.instances, masks, scores):
             ious = [_iou(mk, inst.mask) for mk in m]
             best.append(max(ious))
@@ -89,7 +91,7 @@ def iou_calibration(model: Sam, samples: Sequence, points_per_image: int = 8, se
         h, w = whole.shape
         xy = np.stack([rng.integers(0, w, points_per_image), rng.integers(0, h, points_per_image)], 1)
         predictor.set_image(s.image)
-        masks, scores = _predict_points(predictor, xy)
+        masks, scores = predict_points(predictor, xy)
         for (x, y), m, sc in zip(xy, masks, scores):
             targets = (part == part[y, x], whole == whole[y, x])
             for mk, p in zip(m, sc):
@@ -109,7 +111,7 @@ def amg_object_recall(model: Sam | None, samples: Sequence, points_per_side: int
                       mask_fn: Callable[[np.ndarray], Sequence[np.ndarray]] | None = None) -> dict:
     """Fraction of instances some generated mask covers at IoU ≥ ``recall_iou``.
 
-    ``mask_fn(image) -> bool masks`` replaces segment_anything's generator (e.g. fmalib.masks' multi-level one).
+    ``mask_fn(image) -> bool masks`` replaces segment_anything's generator (e.g. fmalib.method.generator's multi-level one).
     """
     if mask_fn is None:
         gen = SamAutomaticMaskGenerator(model, points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
@@ -138,7 +140,6 @@ def amg_settings(params: Params) -> dict:
     masks = params["masks"]
     missing = [k for k in AMG_KEYS if k not in masks]
     if missing:
-        from ..errors import FmalibError
 
         raise FmalibError(f"{params.path}: masks.{missing[0]} missing; SAM quality uses the masks thresholds")
     return {k: masks[k] for k in AMG_KEYS}
@@ -146,7 +147,7 @@ def amg_settings(params: Params) -> dict:
 
 def sam_quality(model: Sam, params: Params, n_images: int | None = None, multilevel: bool = True) -> dict:
     """All three measures on the val split, automatic generation with the ``masks`` section's thresholds:
-    segment_anything's stock generator (``amg``) and, with ``multilevel``, fmalib.masks' generator with
+    segment_anything's stock generator (``amg``) and, with ``multilevel``, fmalib.method.generator with
     its whole-mask bonus and overlap filter (``amg_multilevel``), which is what the method consumes."""
     ev = params["foundation"]["sam"]["eval"]
     amg = amg_settings(params)
@@ -155,52 +156,9 @@ def sam_quality(model: Sam, params: Params, n_images: int | None = None, multile
            "calibration": iou_calibration(model, samples, pred_iou_thresh=amg["pred_iou_thresh"]),
            "amg": amg_object_recall(model, samples, recall_iou=ev["recall_iou"], **amg)}
     if multilevel:
-        from ..masks import MultiLevelMaskGenerator
 
         gen = MultiLevelMaskGenerator(model, params["masks"])
         out["amg_multilevel"] = amg_object_recall(None, samples, recall_iou=ev["recall_iou"],
                                                   mask_fn=lambda image: list(gen.generate(image).to_bool()))
     log.info("tiny SAM quality on %d val images: %s", len(samples), out)
     return out
-
-
-def point_prompt_panels(model: Sam, sample) -> tuple[list[np.ndarray], list[str]]:
-    """For each instance of one sample: its centre point's three multimask outputs as mosaics (notebook 01)."""
-    from ..viz import mask_mosaic
-
-    predictor = SamPredictor(model)
-    predictor.set_image(sample.image)
-    xy = np.array([center_point(inst.mask) for inst in sample.instances])
-    masks, scores = _predict_points(predictor, xy)
-    panels, titles = [], []
-    for k, (m, sc) in enumerate(zip(masks, scores)):
-        for level, name in enumerate(("subpart", "part", "whole")):
-            panels.append(mask_mosaic(sample.image, m[level:level + 1], seed=k))
-            titles.append(f"object {k}: {name} (pred IoU {sc[level]:.2f})")
-    return panels, titles
-
-
-def amg_preview(model: Sam, images: Sequence[np.ndarray], masks_params, max_points_per_side: int = 16,
-                seed: int = 0) -> tuple[list[np.ndarray], list[str], dict]:
-    """segment_anything's automatic masks on a few images of any dataset (notebook 01), quickly: the
-    ``masks`` params' thresholds, at most ``max_points_per_side`` points a side and no crop layers (the
-    method's own multi-level masks are notebook 02's). Returns mosaics, titles and {masks_per_image,
-    s_per_image, points_per_side}."""
-    from ..viz import mask_mosaic
-
-    pps = min(int(masks_params["points_per_side"]), int(max_points_per_side))
-    gen = SamAutomaticMaskGenerator(model, points_per_side=pps, pred_iou_thresh=masks_params["pred_iou_thresh"],
-                                    stability_score_thresh=masks_params["stability_score_thresh"],
-                                    box_nms_thresh=masks_params["box_nms_thresh"], crop_n_layers=0,
-                                    min_mask_region_area=0, output_mode="binary_mask")
-    panels, titles, counts = [], [], []
-    t0 = time.perf_counter()
-    for k, image in enumerate(tqdm(images, desc="SAM automatic masks (preview)")):
-        records = sorted(gen.generate(image), key=lambda r: -r["area"])  # small masks painted last, on top
-        masks = np.stack([r["segmentation"] for r in records]) if records else np.zeros((0, *image.shape[:2]), bool)
-        panels += [image, mask_mosaic(image, masks, seed=seed + k)]
-        titles += ["image", f"{len(records)} masks"]
-        counts.append(len(records))
-    seconds = (time.perf_counter() - t0) / max(1, len(images))
-    return panels, titles, {"masks_per_image": float(np.mean(counts)) if counts else 0.0,
-                            "s_per_image": seconds, "points_per_side": pps}

@@ -6,13 +6,11 @@
     evaluate_segmenter(params, run, "val")["miou"]
 
 Importing this package does not import Detectron2; the functions do, through ``compat.ensure_detectron2``
-(install: ``make install`` / ``tools/install_detectron2.sh``). Command line: ``python -m fmalib.segment``
-(see ``cli.py``).
+(install: ``make install`` / ``tools/install_detectron2.sh``). Command line: ``python -m fmalib stage2``.
 """
-from .cli import main
 from .compat import detectron2_available, ensure_detectron2
 from .evaluate import Segmenter, crf_available, dense_crf, evaluate_labels, evaluate_segmenter, load_segmenter
 from .train import read_metrics, run_dir, train_segmenter
 
-__all__ = ["main", "detectron2_available", "ensure_detectron2", "Segmenter", "crf_available", "dense_crf",
+__all__ = ["detectron2_available", "ensure_detectron2", "Segmenter", "crf_available", "dense_crf",
            "evaluate_labels", "evaluate_segmenter", "load_segmenter", "read_metrics", "run_dir", "train_segmenter"]

@@ -24,7 +24,10 @@ import logging
 import sys
 import types
 
-from ..errors import FmalibError
+import numpy as np
+from PIL import Image
+
+from ..core.errors import FmalibError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,6 @@ def _bridge_compiled_ops() -> None:
 
 
 def _bridge_pillow() -> None:
-    from PIL import Image
 
     if not hasattr(Image, "LINEAR"):
         Image.LINEAR = Image.BILINEAR
@@ -66,7 +68,6 @@ def _bridge_pillow() -> None:
 
 
 def _bridge_numpy() -> None:
-    import numpy as np
 
     for name, builtin in (("int", int), ("float", float), ("bool", bool)):
         try:

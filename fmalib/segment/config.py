@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
-from ..errors import FmalibError
+from ..core.errors import FmalibError
 from .compat import ensure_detectron2
 
 log = logging.getLogger(__name__)

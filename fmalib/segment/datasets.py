@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..cache import stable_hash
+from ..core.cache import stable_hash
+from ..core.errors import FmalibError
+from ..data import open_dataset
 from ..data.labels import VOC_PALETTE, read_label_png, write_label_png
 from ..data.voc import read_image
-from ..errors import FmalibError
 from .compat import ensure_detectron2
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,6 @@ def _gt_label_paths(params, ds, split: str) -> list[Path]:
 
 def register_gt(params, split: str | None = None) -> str:
     """Register the ground-truth set of ``split`` (default: the val split); returns the dataset name."""
-    from ..data import open_dataset
 
     split = split or params["data"]["val_split"]
     ds = open_dataset(params, split)
@@ -92,7 +93,6 @@ def register_gt(params, split: str | None = None) -> str:
 
 def register_pseudo(params, label_dir: str | os.PathLike, split: str | None = None) -> str:
     """Register ``label_dir/<id>.png`` for every image of ``split`` (default: train); returns the name."""
-    from ..data import open_dataset
 
     label_dir = Path(label_dir).resolve()
     if not label_dir.is_dir():
@@ -155,7 +155,6 @@ class SemSegMapper:
         return cls(is_train, cfg.INPUT.FORMAT, f.SCALE_RANGE, f.CROP_SIZE, f.FLIP)
 
     def __call__(self, record: dict) -> dict:
-        import torch
 
         out = dict(record)
         image = read_image(Path(record["file_name"]))

@@ -1,8 +1,8 @@
 """Stage-2 inference and evaluation: multi-scale + flip test-time augmentation, optional dense CRF,
-Detectron2's ``SemSegEvaluator`` alongside fmalib's own confusion matrix (``fmalib.metrics``).
+Detectron2's ``SemSegEvaluator`` alongside fmalib's own confusion matrix (``fmalib.method.metrics``).
 
 The headline number is fmalib's: one confusion matrix over the whole split, ignore 255, mean IoU over the
-classes that occur (``fmalib.metrics.mean_iou``); Detectron2's mIoU is computed from the same predictions and
+classes that occur (``fmalib.method.metrics.mean_iou``); Detectron2's mIoU is computed from the same predictions and
 reported beside it (the tests check that they agree).
 """
 from __future__ import annotations
@@ -14,14 +14,18 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from ..cache import atomic_save_npz, atomic_write_text, load_npz, stable_hash
+from ..core.cache import atomic_save_npz, atomic_write_text, load_npz, stable_hash
+from ..core.errors import FmalibError
+from ..data import open_dataset
 from ..data.labels import read_label_png, write_label_png
-from ..errors import FmalibError
-from ..metrics import ConfusionMeter, iou_table, mean_iou
+from ..method.metrics import ConfusionMeter, iou_table, mean_iou
 from .compat import ensure_detectron2
 from .config import load_config
-from .datasets import class_names_with_background, register_gt, register_pseudo
+from .datasets import SemSegMapper, class_names_with_background, register_gt, register_pseudo
 from .train import _as_params, quiet_detectron2_logs
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,6 @@ class Segmenter:
 
     def __init__(self, model, input_format: str, scales: Sequence[float] = (1.0,), flip: bool = False,
                  crf: Mapping | None = None):
-        import torch
 
         self.model = model.eval()
         self.input_format = input_format
@@ -90,7 +93,6 @@ class Segmenter:
     def probs(self, image: np.ndarray) -> np.ndarray:
         """Softmax probabilities (K, H, W) of an RGB uint8 image under the test-time procedure."""
         torch = self._torch
-        import torch.nn.functional as F
 
         h, w = image.shape[:2]
         x = self._tensor(image).float()
@@ -190,7 +192,6 @@ def evaluate_segmenter(params, model_dir: str | os.PathLike, split: str | None =
     from detectron2.data import DatasetCatalog, build_detection_test_loader
     from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, inference_on_dataset
 
-    from .datasets import SemSegMapper
 
     params = _as_params(params)
     split = split or params["data"]["val_split"]
@@ -235,9 +236,7 @@ def _result(summary: dict, conf: np.ndarray, names: list[str]) -> dict:
 
 def evaluate_labels(params, label_dir: str | os.PathLike, split: str | None = None) -> dict:
     """mIoU of a label set itself (e.g. the fine seeds) against the ground truth of ``split`` (default: train)."""
-    from tqdm.auto import tqdm
 
-    from ..data import open_dataset
 
     params = _as_params(params)
     split = split or params["data"]["train_split"]

@@ -18,11 +18,13 @@ import time
 import weakref
 from pathlib import Path
 
-from ..cache import atomic_write_text, stable_hash
-from ..errors import FmalibError
-from ..params import Params, load_params
+from ..core.cache import atomic_write_text, stable_hash
+from ..core.errors import FmalibError
+from ..core.params import Params, load_params
 from .compat import ensure_detectron2
 from .config import build_config
+from .datasets import SemSegMapper, class_names_with_background, register_gt, register_pseudo
+from .weights import checkpointer_class
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +43,6 @@ def _trainer_class():
     from detectron2.projects.deeplab import build_lr_scheduler
     from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
-    from .datasets import SemSegMapper
-    from .weights import checkpointer_class
 
     class Stage2Trainer(DefaultTrainer):
         """DefaultTrainer with fmalib's label mapper, poly/cosine LR, no periodic evaluation, bounded
@@ -149,7 +149,6 @@ def _train_worker(params_dict: dict, label_dir: str | None, out_dir: str, resume
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
 
-    from .datasets import class_names_with_background, register_gt, register_pseudo
 
     quiet_detectron2_logs()
     params = load_params(params_dict)

@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import FmalibError
+from ..core.errors import FmalibError
 from .compat import ensure_detectron2
 
 log = logging.getLogger(__name__)

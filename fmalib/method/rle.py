@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
-from .errors import FmalibError
+from ..core.errors import FmalibError
 
 
 def _cumsum_within(values: np.ndarray, offsets: np.ndarray, segment: np.ndarray) -> np.ndarray:
@@ -74,7 +75,6 @@ def decode_count_buffer(buffer: np.ndarray, lens: np.ndarray) -> tuple[np.ndarra
 
 def encode_count_strings(counts: np.ndarray, offsets: np.ndarray) -> list[bytes]:
     """Inverse of ``decode_count_strings`` (uncompressed counts -> pycocotools strings), via pycocotools."""
-    from pycocotools import mask as mask_utils
 
     out = []
     for n in range(len(offsets) - 1):
@@ -165,7 +165,6 @@ class MaskRuns:
     @classmethod
     def from_bool(cls, masks: np.ndarray) -> "MaskRuns":
         """From a boolean (N, H, W) array, through pycocotools' C encoder (reads all N*H*W pixels once)."""
-        from pycocotools import mask as mask_utils
 
         masks = np.asarray(masks)
         if masks.ndim != 3:

@@ -5,10 +5,13 @@ import logging
 import os
 from pathlib import Path
 
+import nbformat
 import pandas as pd
+from nbconvert import HTMLExporter
 
-from .cache import atomic_write_text
-from .errors import FmalibError
+from ..core.cache import atomic_write_text
+from ..core.errors import FmalibError
+from .compare import orderings
 from .results import read_results
 
 log = logging.getLogger(__name__)
@@ -39,8 +42,6 @@ def headline_table(out_dir: str | os.PathLike) -> pd.DataFrame:
 
 def build_report(out_dir: str | os.PathLike) -> Path:
     """Concatenate the executed notebooks (inputs hidden) under the headline table into report.html."""
-    import nbformat
-    from nbconvert import HTMLExporter
 
     out = Path(out_dir)
     executed = sorted(out.glob("[0-9][0-9]_*.ipynb"))
@@ -121,7 +122,6 @@ def ablation_table(out_dir: str | os.PathLike) -> pd.DataFrame:
 def settings_table(out_dir: str | os.PathLike) -> pd.DataFrame:
     """The paper's orderings under the toy's settings and under the paper's (notebook 07's two columns):
     per ordering and column, its two numbers and whether it holds; empty when notebook 07 has not run."""
-    from .compare import orderings
 
     columns = read_results(out_dir).get("07_ablations", {}).get("settings", {})
     parts = []

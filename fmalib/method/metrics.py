@@ -1,11 +1,17 @@
-"""mIoU from one confusion matrix accumulated over a whole split (ignore 255)."""
+"""Evaluation measures: mIoU from one confusion matrix accumulated over a whole split (255 ignored), average
+precision of scores, and the recall of ground-truth regions by a mask set."""
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..core.label_ids import IGNORE
+from .masks import MaskSet
 
-def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int = 255) -> np.ndarray:
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore: int = IGNORE) -> np.ndarray:
     """(K, K) int64 counts, rows = ground truth, columns = prediction; pixels with gt == ignore are skipped."""
     pred = np.asarray(pred).astype(np.int64).ravel()
     gt = np.asarray(gt).astype(np.int64).ravel()
@@ -23,7 +29,7 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore:
 class ConfusionMeter:
     """Accumulate one confusion matrix over a split, image by image."""
 
-    def __init__(self, num_classes: int, ignore: int = 255):
+    def __init__(self, num_classes: int, ignore: int = IGNORE):
         self.num_classes = num_classes
         self.ignore = ignore
         self.matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -61,3 +67,39 @@ def iou_table(conf: np.ndarray, class_names: list[str]) -> pd.DataFrame:
         "gt_pixels": conf.sum(1),
         "pred_pixels": conf.sum(0),
     })
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Non-interpolated AP (sklearn's definition); nan when there is no positive."""
+    targets = np.asarray(targets, bool)
+    if not targets.any():
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    hits = targets[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
+def multi_hot(labels: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
+    """(N, C) bool from per-image fg ids (1..C)."""
+    y = np.zeros((len(labels), num_classes), bool)
+    for i, ids in enumerate(labels):
+        for c in ids:
+            y[i, int(c) - 1] = True
+    return y
+
+
+def region_recall(masks: MaskSet, gt: np.ndarray, iou: float = 0.5) -> tuple[int, int]:
+    """(GT regions matched, GT regions): a region is one class's pixels of ``gt`` (background included,
+    255 ignored); matched when some mask overlaps it with IoU >= ``iou``."""
+    classes = [c for c in np.unique(gt) if c != IGNORE]
+    if not len(masks):
+        return 0, len(classes)
+    dense = masks.to_bool().reshape(len(masks), -1)
+    area = dense.sum(1)
+    hits = 0
+    for c in classes:
+        region = (gt == c).ravel()
+        inter = dense[:, region].sum(1)
+        hits += bool((inter / np.maximum(area + region.sum() - inter, 1) >= iou).any())
+    return hits, len(classes)

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .cache import atomic_write_text
+from ..core.cache import atomic_write_text
+from ..core.params import repo_root
 
 
 def _results_dir(out_dir: str | os.PathLike) -> Path:
@@ -34,7 +35,6 @@ def read_results(out_dir: str | os.PathLike) -> dict[str, dict]:
 
 def write_bench(name_or_path: str | os.PathLike, data: dict) -> Path:
     """Print a benchmark's numbers and write them (atomic) to reports/bench/<name>.json, or to the path given."""
-    from .params import repo_root
 
     path = Path(name_or_path)
     if path.suffix != ".json":

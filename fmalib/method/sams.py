@@ -24,7 +24,7 @@ image_labels)``::
     label_map, confidence = sams_seed(present_cams(cams, labels), masks, levels, labels, bg_power=0.6)
 
 ``masks`` is a boolean (N, H, W) array, a ``MaskRuns`` or a list of COCO RLE dicts (the mask cache of
-``fmalib.masks``); ``levels`` (N,) ints, 0 subpart / 1 part / 2 whole. Returns ``label_map`` uint8 (H, W)
+``fmalib.method.generator``); ``levels`` (N,) ints, 0 subpart / 1 part / 2 whole. Returns ``label_map`` uint8 (H, W)
 with values in {0} ∪ image_labels and ``confidence`` float32 (H, W), the painted mask's confidence (0 where
 no mask covers a pixel).
 
@@ -40,7 +40,7 @@ background threshold t with (1 - t)^p = t — with a logged warning, counted in 
 original crashes there). Scores are computed in float64 (the original: float32 on the GPU), so near-ties
 within float32 rounding may break differently.
 
-Speed: no per-mask Python loop. The masks stay run-length encoded (``fmalib.rle.MaskRuns``, decoded
+Speed: no per-mask Python loop. The masks stay run-length encoded (``fmalib.method.rle.MaskRuns``, decoded
 straight from the pycocotools strings of the mask cache). The masks × CAM product comes from the runs:
 for an image-size CAM, from column prefix sums of the CAM read at the run ends (one pass over the CAM).
 A CAM on a coarser grid (CLIP's patch grid) that is non-negative — fmalib's cached CAMs are ReLU'd and
@@ -76,9 +76,13 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 
-from .errors import FmalibError
+from ..core.errors import FmalibError
+from .metrics import ConfusionMeter, mean_iou
 from .rle import Intervals, MaskRuns
+from .seed_rules import argmax_with_background
+from .upsample import interp_matrix, interp_taps, upsample_cams
 
 log = logging.getLogger(__name__)
 
@@ -93,35 +97,6 @@ def present_cams(cam_all: np.ndarray, image_labels: Sequence[int]) -> np.ndarray
     if len(labels) and (labels.min() < 1 or labels.max() > cam_all.shape[0]):
         raise FmalibError(f"present_cams: labels {labels.tolist()} outside 1..{cam_all.shape[0]} (C maps)")
     return cam_all[labels - 1]
-
-
-def interp_taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """1-D bilinear resampling n_in -> n_out samples, align_corners=False (torch's rule): for every output
-    sample its two source samples and their weights (i0, i1, w0, w1)."""
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = src - i0
-    return i0, i1, 1.0 - lam, lam
-
-
-def interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """The (n_out, n_in) matrix of ``interp_taps``."""
-    i0, i1, w0, w1 = interp_taps(n_out, n_in)
-    m = np.zeros((n_out, n_in))
-    np.add.at(m, (np.arange(n_out), i0), w0)
-    np.add.at(m, (np.arange(n_out), i1), w1)
-    return m
-
-
-def upsample_cams(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (K, h, w) -> (K, H, W) float32, align_corners=False (as CLIP-ES / F.interpolate)."""
-    cam = np.asarray(cam, np.float32)
-    size = (int(size[0]), int(size[1]))
-    if cam.shape[1:] == size:
-        return cam
-    uy, ux = interp_matrix(size[0], cam.shape[1]), interp_matrix(size[1], cam.shape[2])
-    return np.matmul(uy, cam.astype(np.float64) @ ux.T).astype(np.float32)
 
 
 def as_mask_runs(masks, height: int | None = None, width: int | None = None) -> MaskRuns:
@@ -267,11 +242,8 @@ def label_masks(norm_scores: np.ndarray, bg_power: float) -> tuple[np.ndarray, n
     the earlier entry (background first)."""
     if not bg_power > 0:
         raise FmalibError(f"bg_power must be > 0; got {bg_power}")
-    fg_max = norm_scores.max(axis=1, initial=0.0)
-    bg = (1.0 - fg_max) ** float(bg_power)
-    table = np.concatenate([bg[:, None], norm_scores], axis=1)
-    idx = np.argmax(table, axis=1)
-    return idx, table[np.arange(len(idx)), idx]
+    bg = (1.0 - norm_scores.max(axis=1, initial=0.0)) ** float(bg_power)
+    return argmax_with_background(bg, norm_scores, axis=1)
 
 
 def paint_order(levels: np.ndarray, confidence: np.ndarray) -> np.ndarray:
@@ -324,10 +296,8 @@ def fallback_cam_argmax(cam: np.ndarray, image_labels: np.ndarray, bg_power: flo
     peak = pos.reshape(len(pos), -1).max(axis=1) if pos.size else np.zeros(len(pos))
     norm = pos / np.where(peak > 0, peak, 1.0)[:, None, None]
     bg = (1.0 - norm.max(axis=0, initial=0.0)) ** float(bg_power)
-    table = np.concatenate([bg[None], norm], axis=0)
-    idx = np.argmax(table, axis=0)
-    lut = np.r_[0, image_labels].astype(np.uint8)
-    return lut[idx], np.take_along_axis(table, idx[None], 0)[0].astype(np.float32)
+    idx, value = argmax_with_background(bg, norm, axis=0)
+    return np.r_[0, image_labels].astype(np.uint8)[idx], value.astype(np.float32)
 
 
 def check_confident(hi: float, lo: float) -> None:
@@ -426,7 +396,6 @@ def sams_seed(cam: np.ndarray, masks, levels: Sequence[int], image_labels: Seque
 # --- background power: GT-free choice and the GT sweep ---------------------------------------------------
 def power_agreement(images: Iterable[SamsImage], powers: Sequence[float]):
     """Per p: hit rate on the CAM's confident-fg and confident-bg pixels and their mean (a DataFrame)."""
-    import pandas as pd
 
     powers = [float(p) for p in powers]
     hits = np.zeros((len(powers), 4))  # fg hits, fg total, bg hits, bg total
@@ -460,9 +429,7 @@ def choose_bg_power(images: Sequence[SamsImage], powers: Sequence[float]):
 def bg_power_sweep(images: Sequence[SamsImage], gts: Sequence[np.ndarray], powers: Sequence[float],
                    num_classes: int):
     """Ground-truth sweep (ablation only): seed mIoU per p over the images (``num_classes`` incl. bg)."""
-    import pandas as pd
 
-    from .metrics import ConfusionMeter, mean_iou
 
     if len(images) != len(gts):
         raise FmalibError(f"bg_power_sweep: {len(images)} images but {len(gts)} ground truths")

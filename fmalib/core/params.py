@@ -83,7 +83,7 @@ SCHEMA: dict[str, Any] = {
         "overlap_thresh": float,  # part/subpart kept if max |m ∩ kept| / |m| < this
     },
     "sams": {  # SAMS seeding (fmalib/sams.py, fmalib/seeds.py)
-        "bg_power_coarse": (float, str),  # a number, or "auto": GT-free choice (fmalib.sams.choose_bg_power)
+        "bg_power_coarse": (float, str),  # a number, or "auto": GT-free choice (fmalib.method.sams.choose_bg_power)
         "bg_power_fine": (float, str),
         "power_grid": [float],  # candidates for "auto" and the GT sweep of the ablation
         "confident_hi": float,  # "auto": normalised CAM >= hi is sure foreground
@@ -121,7 +121,7 @@ SCHEMA: dict[str, Any] = {
         "crf": {"iters": int, "pos_xy": float, "pos_w": float, "bi_xy": float, "bi_rgb": float, "bi_w": float},
     },
     # dotted-key overrides that put these params on the paper's settings where they depart from them
-    # (the toy's measured departures; {} for voc/coco) — notebook 07's second column (fmalib.compare)
+    # (the toy's measured departures; {} for voc/coco) — notebook 07's second column (fmalib.study.compare)
     "paper_settings": dict,
     # dotted-key overrides applied in fast mode (notebook tests, smoke runs): a tiny slice, few iterations
     "fast": dict,
@@ -130,7 +130,7 @@ SCHEMA: dict[str, Any] = {
 
 def repo_root() -> Path:
     """The checkout that holds params/ (fmalib is installed editable from it)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 class Params(dict):

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from .cache import atomic_write_text, stable_hash
-from .errors import FmalibError
-from .params import repo_root
+import papermill
+
+from ..core.cache import atomic_write_text, stable_hash
+from ..core.errors import FmalibError
+from ..core.params import repo_root
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,6 @@ def run_notebooks(params_path: str | os.PathLike, out_dir: str | os.PathLike | N
                   parameters: Mapping[str, Any] | None = None, notebooks: list[Path] | None = None,
                   force: bool = False) -> list[dict]:
     """Execute the notebooks in order; returns one record per notebook (name, status, seconds)."""
-    import papermill
 
     params_path = Path(params_path)
     params_file = params_path if params_path.is_file() else repo_root() / params_path

@@ -5,8 +5,8 @@ import logging
 import os
 from typing import Any, Mapping
 
-from .params import Params, load_params
-from .utils import seed_everything
+from ..core.device import seed_everything
+from ..core.params import Params, load_params
 
 
 def setup(params_path: str | os.PathLike, fast: bool = False, overrides: Mapping[str, Any] | None = None,

@@ -5,11 +5,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-
 import matplotlib.pyplot as plt
 import numpy as np
+import seaborn as sns
 
-from .data.labels import VOC_PALETTE
+from ..core.cache import atomic_path
+from ..data.labels import VOC_PALETTE
 
 _PALETTE = np.array(VOC_PALETTE, dtype=np.uint8).reshape(256, 3)
 
@@ -61,8 +62,7 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None
 
 
 def per_class_bars(table, value: str = "iou", by: str = "class", hue: str | None = None, title: str = ""):
-    """Bar chart of a per-class table (e.g. fmalib.metrics.iou_table), optionally split by `hue`."""
-    import seaborn as sns
+    """Bar chart of a per-class table (e.g. fmalib.method.metrics.iou_table), optionally split by `hue`."""
 
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * table[by].nunique() + 2), 3))
     sns.barplot(data=table, x=by, y=value, hue=hue, ax=ax)
@@ -74,7 +74,6 @@ def per_class_bars(table, value: str = "iou", by: str = "class", hue: str | None
 
 def savefig(fig, out_dir: str | os.PathLike, name: str) -> Path:
     """Save under out_dir/figures/<name>.png (atomic) and return the path; the figure stays open for display."""
-    from .cache import atomic_path
 
     path = Path(out_dir) / "figures" / f"{name}.png"
     with atomic_path(path) as tmp:

@@ -16,18 +16,14 @@ contexts only; the frozen token embeddings are non-persistent buffers.
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import atomic_path
-from .errors import FmalibError
-from .models import clip as C
+from ..core.errors import FmalibError
+from ..models import clip as C
 
 log = logging.getLogger(__name__)
 
@@ -177,33 +173,6 @@ def build_prompts(kind: str, model, params, seed: int | None = None) -> PromptSe
     return SegPromptLearner(model, tok, names, len(bg), pr["n_ctx"], pr["seg"]["init_std"], seed)
 
 
-def save_context(prompts: PromptSet, path: str | os.PathLike, **meta) -> Path:
-    """Contexts only (+ small metadata), written atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"state": prompts.context_state(), "texts": prompts.texts, **meta}, tmp)
-    return Path(path)
-
-
-def load_context(prompts: PromptSet, path: str | os.PathLike) -> PromptSet:
-    """Load contexts saved by ``save_context`` (or a training checkpoint) into ``prompts``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FmalibError(f"prompt context file {path} does not exist (train the prompts first: "
-                          f"fmalib.train.train_prompts)")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    state = blob.get("state") if isinstance(blob, dict) else None
-    if not isinstance(state, dict):
-        raise FmalibError(f"prompt context file {path} has no 'state' mapping of context tensors")
-    own = prompts.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        want = {k: tuple(v.shape) for k, v in own.items()}
-        raise FmalibError(f"prompt context file {path} holds {got}; these prompts expect {want} "
-                          f"(another prompt kind, class list or n_ctx?)")
-    prompts.load_state_dict(state)
-    return prompts
-
-
 def fg_similarity(features: torch.Tensor, n_fg: int) -> float:
     """Mean cosine between distinct foreground prompts of (K, D) L2-normalised features (1.0: all alike).
 
@@ -215,39 +184,3 @@ def fg_similarity(features: torch.Tensor, n_fg: int) -> float:
         return float("nan")
     sim = fg @ fg.T
     return float((sim.sum() - sim.diagonal().sum()) / (n_fg * (n_fg - 1)))
-
-
-@torch.no_grad()
-def classification_map(model, prompts: PromptSet, dataset, limit: int | None = None, progress: bool = True) -> dict:
-    """Multi-label classification AP over a split (METHOD §1 image embedding), two scorings per class k:
-
-    - ``map``: S_k = cos(image, fg prompt k), the zero-shot score;
-    - ``map_vs_bg``: S_k − log Σ_{bg j} e^{S_j} (S scaled by the logit scale), the log-odds of class k against
-      the background prompts — the quantity the contrastive loss trains, free of the image-wide offset that
-      raw cosines share.
-
-    {"map", "map_vs_bg": means over classes with a positive, "ap", "ap_vs_bg": {class name: AP}, "n_images"}.
-    """
-    from tqdm.auto import tqdm
-
-    from .pretrain.clip_quality import average_precision, multi_hot, to_input
-
-    text = prompts()
-    scale = C.logit_scale(model).float()
-    n = len(dataset) if limit is None else min(int(limit), len(dataset))
-    scores, labels = [], []
-    for j in tqdm(range(n), desc="classification AP", disable=not progress, leave=False):
-        item = dataset[j]
-        emb = F.normalize(C.encode_image_tokens(model, to_input(model, item["image"])).image_embed.float(), dim=-1)
-        scores.append((emb @ text.T)[0].cpu())
-        labels.append(item["labels"])
-    cos = torch.stack(scores)
-    fg = cos[:, : prompts.n_fg]
-    vs_bg = scale * fg - torch.logsumexp(scale * cos[:, prompts.n_fg:], 1, keepdim=True) if prompts.n_bg else fg
-    y = multi_hot(labels, prompts.n_fg)
-    names = list(getattr(dataset, "class_names", range(1, prompts.n_fg + 1)))
-    out = {"n_images": n}
-    for key, sc in (("", fg), ("_vs_bg", vs_bg)):
-        ap = [average_precision(sc[:, k].numpy(), y[:, k]) for k in range(prompts.n_fg)]
-        out[f"map{key}"], out[f"ap{key}"] = float(np.nanmean(ap)), dict(zip(names, ap))
-    return out

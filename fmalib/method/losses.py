@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import FmalibError
+from ..core.errors import FmalibError
 
 IGNORE = 255
 CLS_LOSSES = ("absent_fg", "bg_negatives")

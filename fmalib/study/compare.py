@@ -16,13 +16,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .cam import argmax_seed_miou, run_cam_stage
-from .data import open_dataset
-from .metrics import mean_iou
-from .params import Params, load_params
-from .prompts import build_prompts, classification_map, load_context
-from .seeds import cam_argmax_seed_dir, evaluate_seeds, make_seeds
-from .train import load_clip_from_params, train_prompts
+from ..core.params import Params, load_params
+from ..data import open_dataset
+from ..method.metrics import mean_iou
+from ..method.prompts import build_prompts
+from ..models.checkpoints import load_clip_from_params
+from ..segment import evaluate_segmenter, run_dir, train_segmenter
+from ..stages.cams import argmax_seed_miou, run_cam_stage
+from ..stages.masks import run_mask_stage
+from ..stages.prompts import classification_map, load_context, train_prompts
+from ..stages.seeds import cam_argmax_seed_dir, evaluate_seeds, make_seeds
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,6 @@ def paper_params(params: Params) -> Params:
 
 def settings_column(params: Params, stage2: bool = True) -> dict:
     """Every number of the orderings above for ``params`` (see the module docstring); stages are cached."""
-    from .masks import run_mask_stage
 
     model = load_clip_from_params(params)
     split, val_split = params["data"]["train_split"], params["data"]["val_split"]
@@ -75,7 +77,6 @@ def settings_column(params: Params, stage2: bool = True) -> dict:
             out[f"argmax_val_{kind}_{variant}"] = res[variant]["val_miou"]
 
     if stage2:
-        from .segment import evaluate_segmenter, run_dir, train_segmenter
 
         runs = {"seeds": run_dir(params, "seeds", fine.dir), "gt": run_dir(params, "gt", None)}
         train_segmenter(params, fine.dir, runs["seeds"])

@@ -2,10 +2,10 @@
 
 ``make_seeds(params, split, cam_source, stage)`` is the stage behind notebooks 04 (coarse seeds, from the
 cls-prompt CAMs; they train the seg prompts) and 06 (fine seeds, from the seg-prompt CAMs; they train
-stage 2). ``cam_source`` is a CAM ``StageCache`` of ``fmalib.cam`` (its CAA-refined maps when
+stage 2). ``cam_source`` is a CAM ``StageCache`` of ``fmalib.stages.cams`` (its CAA-refined maps when
 ``params.cam.use_caa``) or any callable ``image_id -> (cams (K, h, w), labels (K,))`` — CAMs of another
-method, on any grid (see ``fmalib.sams``). The background power is ``params.sams.bg_power_<stage>``: a
-number, or ``auto`` = ``fmalib.sams.choose_bg_power`` on the first ``params.sams.power_images`` images of
+method, on any grid (see ``fmalib.method.sams``). The background power is ``params.sams.bg_power_<stage>``: a
+number, or ``auto`` = ``fmalib.method.sams.choose_bg_power`` on the first ``params.sams.power_images`` images of
 the split (no ground truth). Output: ``workdir/seeds_<stage>/<key>/<image id>.png`` + ``meta.json``
 (p, its criterion table, fallback count), keyed by masks, CAMs, sams params and p; resumable, shardable.
 """
@@ -19,14 +19,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
-from .cache import StageCache, atomic_write_text
-from .data.labels import read_label_png, write_label_png
-from .errors import FmalibError
-from .masks import MaskSet, load_masks, mask_cache, shard_indices
-from .metrics import ConfusionMeter
-from .sams import SamsImage, bg_power_sweep, choose_bg_power, sams_assign, sams_prepare
+from ..core.cache import StageCache, atomic_write_text
+from ..core.errors import FmalibError
+from ..data import open_dataset
+from ..data.labels import read_label_png, write_label_png
+from ..method.masks import MaskSet
+from ..method.metrics import ConfusionMeter
+from ..method.sams import SamsImage, bg_power_sweep, choose_bg_power, sams_assign, sams_prepare
+from .cams import load_cams, run_cam_stage, select_bg_threshold, write_cam_argmax_seeds
+from .masks import load_masks, mask_cache, run_mask_stage
+from .shards import shard_indices
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +42,12 @@ CamLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
 def cam_loader(cam_source, caa: bool = True) -> tuple[CamLoader, Any]:
     """(image_id -> (cams, labels), a JSON-able identity of the source for cache keys)."""
     if isinstance(cam_source, StageCache):
-        from .cam import load_cams
-
         return (lambda image_id: load_cams(cam_source, image_id, caa)), \
             {"stage": cam_source.stage, "key": cam_source.key, "caa": caa}
     if callable(cam_source):
         ident = getattr(cam_source, "cache_key", None) or getattr(cam_source, "__qualname__", repr(cam_source))
         return cam_source, {"callable": ident}
-    raise FmalibError(f"cam_source must be a CAM StageCache (fmalib.cam.run_cam_stage) or a callable "
+    raise FmalibError(f"cam_source must be a CAM StageCache (fmalib.stages.cams.run_cam_stage) or a callable "
                       f"image_id -> (cams, labels); got {type(cam_source).__name__}")
 
 
@@ -60,16 +63,23 @@ def prepare(masks: MaskSet, cams: np.ndarray, labels: np.ndarray, levels: Sequen
     return sams_prepare(cams, masks.runs(), masks.levels, labels, (masks.height, masks.width), confident)
 
 
+def bg_power_rule(params, stage: str, bg_power: float | str | None = None) -> float | str:
+    """How p is set: an explicit number, or params.sams.bg_power_<stage> — a number or ``auto``."""
+    value = params["sams"][f"bg_power_{stage}"] if bg_power is None else bg_power
+    if isinstance(value, str):
+        if value != "auto":
+            raise FmalibError(f"params sams.bg_power_{stage}={value!r}: expected a number or 'auto'")
+        return value
+    return float(value)
+
+
 def resolve_bg_power(params, stage: str, dataset, masks_cache: StageCache, load_cam: CamLoader,
-                     bg_power: float | str | None = None):
-    """(p, criterion table or None): an explicit number, or params.sams.bg_power_<stage>; ``auto`` picks p
-    by ``fmalib.sams.choose_bg_power`` over the first ``params.sams.power_images`` images of the split."""
+                     rule: float | str = "auto"):
+    """(p, criterion table or None): a number stays; ``auto`` picks p by ``choose_bg_power`` over the first
+    ``params.sams.power_images`` images of the split (no ground truth)."""
+    if not isinstance(rule, str):
+        return float(rule), None
     cfg = params["sams"]
-    value = cfg[f"bg_power_{stage}"] if bg_power is None else bg_power
-    if not isinstance(value, str):
-        return float(value), None
-    if value != "auto":
-        raise FmalibError(f"params sams.bg_power_{stage}={value!r}: expected a number or 'auto'")
     n = min(int(cfg["power_images"]), len(dataset))
     images = []
     for j in tqdm(range(n), desc=f"bg power ({stage})", leave=False):
@@ -97,9 +107,11 @@ class SeedSet:
         return self.dir / f"{image_id}.png"
 
 
-def seed_cache(params, split: str, stage: str, masks_cache: StageCache, cam_ident, bg_power: float) -> StageCache:
+def seed_cache(params, split: str, stage: str, masks_cache: StageCache, cam_ident, rule: float | str) -> StageCache:
+    """Keyed by the rule that sets p (``auto`` — its inputs, power_images and power_grid, are in params.sams —
+    or the number), not by the chosen p: a finished stage is found without recomputing the choice."""
     key = {"split": split, "masks": masks_cache.key, "cams": cam_ident, "sams": dict(params["sams"]),
-           "bg_power": float(bg_power)}
+           "bg_power": rule}
     return StageCache(params.resolve_path("workdir"), f"seeds_{stage}", key)
 
 
@@ -107,9 +119,7 @@ def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tu
                bg_power: float | str | None = None, force: bool = False) -> SeedSet:
     """SAMS seeds of every image of ``split`` (or of one shard) as palette PNGs; resumable.
 
-    Needs the split's masks cached (``fmalib.masks.run_mask_stage``) and CAMs for every image."""
-    from .data import open_dataset
-
+    Needs the split's masks cached (``fmalib.stages.masks.run_mask_stage``) and CAMs for every image."""
     if stage not in STAGES:
         raise FmalibError(f"make_seeds: stage {stage!r}; expected one of {STAGES}")
     dataset = open_dataset(params, split)
@@ -117,10 +127,23 @@ def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tu
     missing = [i for i in dataset.ids if not masks_cache.has(i)]
     if missing:
         raise FmalibError(f"SAM masks of {len(missing)} / {len(dataset)} {split} images are not cached in "
-                          f"{masks_cache.dir} (first: {missing[0]!r}); run fmalib.masks.run_mask_stage first")
+                          f"{masks_cache.dir} (first: {missing[0]!r}); run fmalib.stages.masks.run_mask_stage first")
     load_cam, cam_ident = cam_loader(cam_source, bool(params["cam"].get("use_caa", True)))
-    p, table = resolve_bg_power(params, stage, dataset, masks_cache, load_cam, bg_power)
-    cache = seed_cache(params, split, stage, masks_cache, cam_ident, p)
+    rule = bg_power_rule(params, stage, bg_power)
+    cache = seed_cache(params, split, stage, masks_cache, cam_ident, rule)
+    meta_path = cache.dir / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"fallback_images": 0}
+    if "bg_power" in meta and not force:  # chosen by an earlier (finished or interrupted) run of this cache
+        p = float(meta["bg_power"])
+        table = pd.DataFrame(meta["power_table"]) if meta.get("power_table") else None
+        log.info("SAMS %s: bg power %.3g from %s", stage, p, meta_path)
+    else:
+        p, table = resolve_bg_power(params, stage, dataset, masks_cache, load_cam, rule)
+        meta = {"fallback_images": 0}
+    meta.update({"stage": stage, "split": split, "bg_power": p,
+                 "bg_power_rule": "fixed" if table is None else "auto: fmalib.method.sams.choose_bg_power",
+                 "power_table": None if table is None else table.to_dict("list")})
+    atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True))
     result = SeedSet(cache.dir, stage, p, table)
     todo = [j for j in shard_indices(len(dataset), shard) if force or not cache.has(dataset.ids[j], ".png")]
     log.info("SAMS %s seeds of %s shard %d/%d (p=%.3g): %d to write -> %s", stage, split, shard[0], shard[1], p,
@@ -131,12 +154,7 @@ def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tu
         cams, labels = load_cam(image_id)
         label, _ = sams_assign(prepare(load_masks(masks_cache, image_id), cams, labels, levels), p, result.stats)
         write_label_png(cache.path(image_id, ".png"), label)
-    meta_path = cache.dir / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"fallback_images": 0}
-    meta.update({"stage": stage, "split": split, "bg_power": p,
-                 "bg_power_rule": "fixed" if table is None else "auto: fmalib.sams.choose_bg_power",
-                 "power_table": None if table is None else table.to_dict("list"),
-                 "fallback_images": meta["fallback_images"] + result.stats["fallback"]})
+    meta["fallback_images"] += result.stats["fallback"]
     atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True))
     if result.stats["fallback"]:
         log.warning("SAMS %s: %d images had no SAM mask and fell back to the CAM argmax", stage,
@@ -160,8 +178,6 @@ def evaluate_seeds(dataset, seed_dir: str | Path, limit: int | None = None) -> n
 def seed_power_sweep(params, split: str, cam_source, powers: Sequence[float] | None = None,
                      limit: int | None = None):
     """Seed mIoU against ground truth for every p (the ablation; ``make_seeds`` never uses it)."""
-    from .data import open_dataset
-
     dataset = open_dataset(params, split)
     masks_cache = mask_cache(params, split)
     load_cam, _ = cam_loader(cam_source, bool(params["cam"].get("use_caa", True)))
@@ -178,10 +194,7 @@ def pipeline_seeds(params, stage: str, split: str | None = None, seeds_dir: str 
     """The method's seeds (METHOD §5): ``coarse`` = SAMS on the cls-prompt CAMs; ``fine`` = SAMS on the
     seg-prompt CAMs, the seg prompts trained on ``seeds_dir`` (default: the coarse seeds). Runs (or reuses
     from the caches) the mask stage, the CAM stage and the seeds; the prompts must be trained already
-    (notebooks 03 and 05, ``fmalib.train.train_prompts``)."""
-    from .cam import run_cam_stage
-    from .masks import run_mask_stage
-
+    (notebooks 03 and 05, ``fmalib.stages.prompts.train_prompts``)."""
     split = split or params["data"]["train_split"]
     run_mask_stage(params, split)
     if stage == "coarse":
@@ -194,26 +207,30 @@ def pipeline_seeds(params, stage: str, split: str | None = None, seeds_dir: str 
     return make_seeds(params, split, cams, stage)
 
 
-def seed_panels(item: dict, cams: np.ndarray, labels: np.ndarray, seeds: dict[str, np.ndarray]):
-    """(images, titles) for a figure row: image, GT, the CAMs' max as a heat map, then each seed overlay."""
-    from .sams import upsample_cams
-    from .viz import heatmap, overlay
-
-    image = item["image"]
-    heat = upsample_cams(cams, image.shape[:2]).max(axis=0) if len(labels) else np.zeros(image.shape[:2])
-    images = [image, overlay(image, item["gt"]), heatmap(image, heat / max(float(heat.max()), 1e-6))]
-    images += [overlay(image, s) for s in seeds.values()]
-    return images, ["image", "ground truth", "CAM (max over classes)", *seeds]
-
-
 def cam_argmax_seed_dir(params, split: str, cams: StageCache, thresholds: Sequence[float] | None = None):
     """The CLIP-ES baseline on the same CAMs: argmax(bg threshold, CAMs) seeds with the threshold tuned on
     ground truth (the baseline's own protocol, so the comparison favours it). Returns (dir, t, {t: mIoU})."""
-    from .cam import select_bg_threshold, write_cam_argmax_seeds
-    from .data import open_dataset
-
     dataset = open_dataset(params, split)
     caa = bool(params["cam"].get("use_caa", True))
     t, table = select_bg_threshold(cams, dataset, thresholds or params["cam"]["bg_thresholds"], caa)
     out = params.resolve_path("workdir") / "seeds_cam_argmax" / f"{cams.stage}-{cams.key}-caa{int(caa)}-bg{t:.3f}"
     return write_cam_argmax_seeds(cams, dataset, t, out, caa), t, table
+
+
+def seg_training_seeds(params, source: str = "auto") -> tuple[Path, str]:
+    """(seeds dir, description) of the pixel seeds that train the seg prompts (from the cls-prompt CAMs).
+
+    ``sams``: the method's coarse SAMS seeds (``pipeline_seeds(params, "coarse")``: SAM masks +
+    CAMs, GT-free). ``cam_argmax``: CLIP-ES's argmax(bg threshold, CAMs) seeds with the threshold picked on
+    the train split's ground truth (``cam_argmax_seed_dir``) — a stand-in, labelled as such.
+    ``auto``: SAMS (segment_anything is a hard dependency, so ``auto`` is ``sams``).
+    """
+    if source not in ("auto", "sams", "cam_argmax"):
+        raise FmalibError(f"seg seeds source {source!r}; expected auto, sams or cam_argmax")
+    if source in ("auto", "sams"):
+        seeds = pipeline_seeds(params, "coarse")
+        return Path(seeds.dir), f"SAMS coarse seeds (bg power p = {seeds.bg_power:.3g})"
+    split = params["data"]["train_split"]
+    cams = run_cam_stage(params, split, "cls")
+    out, t, _ = cam_argmax_seed_dir(params, split, cams)
+    return Path(out), f"CAM-argmax seeds of the cls CAMs (bg threshold {t:.2f}, picked on train GT)"

@@ -6,13 +6,16 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from ..errors import FmalibError
-from ..results import read_results
-from .evaluate import crf_available, evaluate_segmenter, load_segmenter
-from .train import read_metrics
+from ..core.errors import FmalibError
+from ..data import open_dataset
+from ..segment.evaluate import crf_available, evaluate_segmenter, load_segmenter
+from ..segment.train import read_metrics
+from .results import read_results
+from .viz import image_grid, overlay
 
 SEEDS_RESULT = ("06_fine_seeds", "label_dir")  # what notebook 06 records: the fine-seed folder
 
@@ -37,7 +40,7 @@ def pseudo_label_dir(params, out_dir: str | os.PathLike) -> Path:
 
 
 def per_class_comparison(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """Long table (class, run, iou) from ``{run name: fmalib.metrics.iou_table}``, for plots."""
+    """Long table (class, run, iou) from ``{run name: fmalib.method.metrics.iou_table}``, for plots."""
     return pd.concat([t.assign(run=name)[["class", "run", "iou"]] for name, t in tables.items()], ignore_index=True)
 
 
@@ -50,7 +53,6 @@ def per_class_wide(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 def loss_curves(runs: Mapping[str, str | os.PathLike]):
     """Training loss against iteration for each run (Detectron2's metrics.json)."""
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3))
     for name, run in runs.items():
@@ -82,8 +84,6 @@ def tta_variants(params, run: str | os.PathLike, split: str | None = None,
 
 def qualitative_figure(params, runs: Mapping[str, str | os.PathLike], split: str | None = None, n: int = 6):
     """Rows of image | ground truth | each run's prediction (single scale), for the first ``n`` images."""
-    from ..data import open_dataset
-    from ..viz import image_grid, overlay
 
     split = split or params["data"]["val_split"]
     ds = open_dataset(params, split)

@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 from .errors import FmalibError
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,6 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
 
 def _strip_zip_times(data: bytes) -> bytes:
     """numpy stamps the current time into the zip entries; rewrite them with a fixed time (same seed ⇒ same bytes)."""
-    import zipfile
-
     src = zipfile.ZipFile(io.BytesIO(data))
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
@@ -91,6 +90,27 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     """Hash of a JSON-able object (dict keys sorted; paths and numpy scalars as strings)."""
     blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_fingerprint(path: str | os.PathLike | None) -> dict | None:
+    """What identifies a file's content in cache keys: its SHA-256 up to 256 MB (tiny models, contexts), size +
+    mtime above (hashing a 2.5 GB SAM ViT-H on every run would cost more than the stage it keys)."""
+    if path is None:
+        return None
+    path = Path(path)
+    st = path.stat()
+    if st.st_size <= 256 * 2**20:
+        return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def dir_fingerprint(path: str | os.PathLike, pattern: str = "*.png") -> str:
+    """SHA-256 over the names and contents of a folder's files matching ``pattern`` (e.g. a seed folder)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(path).glob(pattern)):
+        h.update(p.name.encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
 
 
 class StageCache:

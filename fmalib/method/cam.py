@@ -1,0 +1,77 @@
+"""Grad-CAM on a frozen CLIP (METHOD §4, CLIP-ES).
+
+- ``gradcam``: the target activation is the output of the last vision block's ``ln_1`` (``cam.target_layer:
+  ln1_out``, the original's) or the tokens entering that block (``block_input``). Only that block and the
+  head (ln_post, proj, patch mean) are replayed, once per (image, class) pair in one batch, so one backward
+  gives every pair's gradients; channel weights = gradients averaged over the patch tokens. Raw (no ReLU):
+  the seg-prompt loss needs the sign; inference applies ReLU.
+- ``normalize_cams``: per-map min-max, as CLIP-ES's ``scale_cam_image``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..core.errors import FmalibError
+from ..models import clip as C
+
+
+def gradcam(model, block_input: torch.Tensor, grid: tuple[int, int], text: torch.Tensor, pair_image: torch.Tensor,
+            pair_class: torch.Tensor, allowed: torch.Tensor | None = None, target: str = "prob",
+            create_graph: bool = False, target_layer: str = "ln1_out") -> torch.Tensor:
+    """Raw Grad-CAMs (P, h, w), one per (image, class) pair.
+
+    block_input (B, 1+h*w, W) tokens entering the last block (its graph, if any, is cut: CLIP is frozen);
+    text (K, D) L2-normalised prompt features; pair_class indexes rows of ``text``; allowed (B, K) bool: the
+    prompts in image b's softmax (present fg classes + bg prompts; all when None). target "prob" backprops
+    the softmax probability, "score" the scaled cosine. ``target_layer`` is the activation A whose gradients
+    weight its channels: ``ln1_out`` — the output of the last block's ``ln_1`` (the original's, as CLIP-ES) —
+    or ``block_input``, the residual tokens entering that block. CAM = Σ_ch mean_tokens(∂y/∂A) · A over the
+    patch tokens. A is detached, so with ``create_graph`` (seg-prompt training) the CAMs are differentiable
+    w.r.t. ``text`` through the Grad-CAM weights only (double backward).
+    """
+    if target not in ("prob", "score"):
+        raise FmalibError(f"params cam.target={target!r}; expected 'prob' or 'score'")
+    if target_layer not in C.GRADCAM_TARGETS:
+        raise FmalibError(f"params cam.target_layer={target_layer!r}; expected one of {C.GRADCAM_TARGETS}")
+    pair_image, pair_class = pair_image.long(), pair_class.long()
+    h, w = grid
+    # double backward (create_graph) needs the composite attention: fused SDPA kernels have no 2nd derivative
+    attention = sdpa_kernel([SDPBackend.MATH]) if create_graph else contextlib.nullcontext()
+    with torch.enable_grad(), attention:
+        x = block_input.detach()[pair_image]
+        if target_layer == "ln1_out":
+            act = model.visual.transformer.resblocks[-1].ln_1(x).detach().requires_grad_(True)
+            emb = C.last_block_embed(model, x, ln1_out=act)
+        else:
+            act = x.requires_grad_(True)
+            emb = C.last_block_embed(model, act)
+        emb = F.normalize(emb.float(), dim=-1)
+        logits = C.logit_scale(model).float() * emb @ text.float().T
+        if target == "prob":
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed.bool()[pair_image], float("-inf"))
+            logits = logits.softmax(dim=-1)
+        score = logits.gather(1, pair_class[:, None]).sum()  # pairs are independent rows: one backward
+        (grad,) = torch.autograd.grad(score, act, create_graph=create_graph)
+    weights = grad[:, 1:].float().mean(dim=1)  # (P, W)
+    cam = torch.einsum("pnc,pc->pn", act.detach()[:, 1:].float(), weights)
+    return cam.reshape(-1, h, w)
+
+
+def normalize_cams(cams: torch.Tensor | np.ndarray):
+    """Per-map min-max to [0, 1] (CLIP-ES's scale_cam_image, without its absolute eps, so raw CAMs of any
+    scale reach exactly 1); a flat map becomes 0."""
+    flat = cams.reshape(cams.shape[0], -1)
+    if isinstance(cams, torch.Tensor):
+        lo, hi = flat.min(1)[0], flat.max(1)[0]
+        rng = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    else:
+        lo, hi = flat.min(1), flat.max(1)
+        rng = np.where(hi > lo, hi - lo, 1)
+    shape = (-1,) + (1,) * (cams.ndim - 1)
+    return (cams - lo.reshape(shape)) / rng.reshape(shape)

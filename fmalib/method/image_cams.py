@@ -1,0 +1,47 @@
+"""CAMs of one image for its present classes (METHOD §4): Grad-CAM at single scale (sides rounded to the patch
+size), ReLU + min-max, and their CAA refinement."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..core.errors import FmalibError
+from ..models import clip as C
+from .caa import CAA_SOURCES, caa_affinity, caa_refine
+from .cam import gradcam, normalize_cams
+
+
+def image_cams(model, text: torch.Tensor, n_fg: int, image: np.ndarray, labels: Sequence[int], cfg,
+               threshold: float, caa_source: str = "normalized") -> dict[str, np.ndarray]:
+    """CAMs of one uint8 image for its present fg ids ``labels`` (1..C) at single scale.
+
+    text (n_fg + n_bg, D): fg prompts then bg prompts. cfg: params.cam (target, target_layer, caa_last_k,
+    sinkhorn_iters). ``caa_source``: the map CAA propagates — ``normalized`` (ReLU + min-max) or ``raw``.
+    Returns float32 ``cam`` (ReLU, min-max) and ``cam_caa`` (refined), both (K, h, w), and ``labels``.
+    """
+    if caa_source not in CAA_SOURCES:
+        raise FmalibError(f"params cam.caa_source={caa_source!r}; expected one of {CAA_SOURCES}")
+    labels = np.asarray(labels, np.int64)
+    x = C.to_input(model, image)
+    n_blocks = len(model.visual.transformer.resblocks)
+    k_attn = min(int(cfg["caa_last_k"]), n_blocks)
+    with torch.no_grad():
+        out = C.encode_image_tokens(model, x, attn_last_k=k_attn)
+    h, w = out.grid
+    if not len(labels):
+        empty = np.zeros((0, h, w), np.float32)
+        return {"labels": labels, "cam": empty, "cam_caa": empty}
+    allowed = torch.ones(1, text.shape[0], dtype=torch.bool, device=text.device)
+    allowed[0, :n_fg] = False
+    allowed[0, torch.as_tensor(labels - 1, device=text.device)] = True
+    idx = torch.as_tensor(labels - 1, device=text.device)
+    raw = gradcam(model, out.block_input, out.grid, text, torch.zeros_like(idx), idx, allowed, cfg["target"],
+                  target_layer=cfg["target_layer"])
+    cam = normalize_cams(raw.clamp(min=0))
+    refined = caa_refine(cam, caa_affinity([a[0] for a in out.attn], cfg["sinkhorn_iters"]), threshold,
+                         raw if caa_source == "raw" else None)
+    return {"labels": labels, "cam": cam.cpu().numpy().astype(np.float32),
+            "cam_caa": refined.cpu().numpy().astype(np.float32)}
+

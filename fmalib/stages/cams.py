@@ -1,0 +1,133 @@
+"""The CAM stage: every image of a split → its CAMs for hand, cls or seg prompts, one compressed float16 npz per
+image (``StageCache``): ``labels`` (K,) fg ids, ``cam`` and ``cam_caa`` (K, h, w) on the patch grid, K =
+present classes; resumable, shardable. Also CLIP-ES's CAM-argmax seeds over a cached split and their mIoU
+under CLIP-ES's protocol (bg threshold picked on the train split's ground truth)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..core.cache import StageCache, file_fingerprint
+from ..data import open_dataset
+from ..data.labels import write_label_png
+from ..method.image_cams import image_cams
+from ..method.prompts import build_prompts
+from ..method.seed_rules import bg_threshold_sweep, cam_argmax_seeds
+from ..models.checkpoints import clip_fingerprint, load_clip_from_params
+from .prompts import load_context, trained_context_path
+from .shards import shard_indices
+
+log = logging.getLogger(__name__)
+
+
+def cam_cache(params, split: str, kind: str, ctx_path: str | Path | None = None) -> StageCache:
+    """The CAM cache of ``split`` for prompts ``kind`` (hand | cls | seg) with contexts ``ctx_path``."""
+    cam = params["cam"]  # only what changes the maps (not use_caa / bg_thresholds, which act downstream)
+    cfg = {"target": cam["target"], "caa_last_k": cam["caa_last_k"], "sinkhorn_iters": cam["sinkhorn_iters"],
+           "caa_threshold": cam["caa_threshold"][kind], "target_layer": cam["target_layer"],
+           "caa_source": cam["caa_source"][kind]}
+    key = {"split": split, "kind": kind, "cam": cfg, "classes": params["classes"], "clip": clip_fingerprint(params),
+           "data": params["data"], "template": params["prompts"]["hand_template"] if kind == "hand" else None,
+           "ctx": file_fingerprint(ctx_path) if ctx_path else None}
+    return StageCache(params.resolve_path("workdir"), f"cam_{kind}", key)
+
+
+def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, int] = (0, 1),
+                  ctx_path: str | Path | None = None, seeds_dir: str | Path | None = None, model=None,
+                  progress: bool = True) -> StageCache:
+    """CAMs of every image of ``split`` (or shard i of n: ids[i::n]) into the stage cache; resumable.
+
+    ``prompts``: "hand" (CLIP-ES baseline) or "cls" / "seg" — trained contexts from ``ctx_path``, by default
+    the finished run of ``fmalib.stages.prompts.train_prompts`` with these params (and ``seeds_dir`` for seg).
+    """
+    if prompts != "hand" and ctx_path is None:
+        ctx_path = trained_context_path(params, prompts, seeds_dir)
+    cache = cam_cache(params, split, prompts, ctx_path)
+    ds = open_dataset(params, split)
+    todo = [j for j in shard_indices(len(ds), shard) if not cache.has(ds.ids[j])]
+    if not todo:
+        log.info("CAMs %s/%s shard %d/%d already cached in %s", prompts, split, *shard, cache.dir)
+        return cache
+    model = model if model is not None else load_clip_from_params(params)
+    pset = build_prompts(prompts, model, params)
+    if prompts != "hand":
+        load_context(pset, ctx_path)
+    with torch.no_grad():
+        text = pset()
+    threshold = float(params["cam"]["caa_threshold"][prompts])
+    log.info("CAMs (%s prompts) of %d %s images -> %s", prompts, len(todo), split, cache.dir)
+    for j in tqdm(todo, desc=f"CAMs {prompts}/{split}", disable=not progress):
+        item = ds[j]
+        res = image_cams(model, text, pset.n_fg, item["image"], item["labels"], params["cam"], threshold,
+                         params["cam"]["caa_source"][prompts])
+        cache.save_npz(item["id"], labels=res["labels"], cam=res["cam"].astype(np.float16),
+                       cam_caa=res["cam_caa"].astype(np.float16))
+    return cache
+
+
+def load_cams(cache: StageCache, image_id: str, caa: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(cams float32 (K, h, w), labels (K,)) of one cached image."""
+    z = cache.load_npz(image_id)
+    return z["cam_caa" if caa else "cam"].astype(np.float32), z["labels"].astype(np.int64)
+
+
+def cached_items(cache: StageCache, dataset, caa: bool = True, limit: int | None = None):
+    """(cams, labels, gt) of a split's cached CAMs, for ``bg_threshold_sweep``."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for j in tqdm(range(n), desc=f"{cache.stage} eval", leave=False):
+        item = dataset[j]
+        cams, labels = load_cams(cache, item["id"], caa)
+        yield cams, labels, item["gt"]
+
+
+def select_bg_threshold(cache: StageCache, dataset, thresholds: Sequence[float],
+                        caa: bool = True) -> tuple[float, dict]:
+    """The bg threshold with the best seed mIoU on ``dataset`` (CLIP-ES protocol: train split, with GT)."""
+    table = bg_threshold_sweep(cached_items(cache, dataset, caa), thresholds, len(dataset.class_names) + 1)
+    best = max(table, key=lambda t: (np.nan_to_num(table[t], nan=-1.0), -t))
+    return best, table
+
+
+def write_cam_argmax_seeds(cache: StageCache, dataset, bg_threshold: float, out_dir: str | Path,
+                           caa: bool = True) -> Path:
+    """``<out_dir>/<id>.png`` CAM-argmax seed maps (image size) of every image of ``dataset``; skips existing."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [j for j in range(len(dataset)) if not (out_dir / f"{dataset.ids[j]}.png").is_file()]
+    log.info("CAM-argmax seeds (bg %.2f, caa=%s) of %d images -> %s", bg_threshold, caa, len(todo), out_dir)
+    for j in tqdm(todo, desc="CAM-argmax seeds"):
+        item = dataset[j]
+        cams, labels = load_cams(cache, item["id"], caa)
+        write_label_png(out_dir / f"{item['id']}.png",
+                        cam_argmax_seeds(cams, labels, bg_threshold, size=item["image"].shape[:2]))
+    return out_dir
+
+
+def argmax_seed_miou(params, kind: str, seeds_dir: str | Path | None = None, model=None,
+                     ctx_path: str | Path | None = None) -> dict:
+    """CAM-argmax seed mIoU of ``kind`` CAMs (hand | cls | seg), without and with CAA (CLIP-ES protocol):
+    the bg threshold is picked on the train split with its ground truth, the mIoU reported on val.
+
+    Runs (or reuses) the CAM stage on both splits. Returns {"no_caa" | "caa": {bg_threshold, train_miou,
+    val_miou, val_best_miou, val_table}}.
+    """
+    data = params["data"]
+    splits = (data["train_split"], data["val_split"])
+    ds = {s: open_dataset(params, s) for s in splits}
+    caches = {s: run_cam_stage(params, s, kind, ctx_path=ctx_path, seeds_dir=seeds_dir, model=model) for s in splits}
+    n_cls = len(ds[splits[0]].class_names) + 1
+    ts = params["cam"]["bg_thresholds"]
+    out = {}
+    for caa in (False, True):
+        tables = [bg_threshold_sweep(cached_items(caches[s], ds[s], caa), ts, n_cls) for s in splits]
+        t = max(tables[0], key=lambda k: (np.nan_to_num(tables[0][k], nan=-1.0), -k))
+        out["caa" if caa else "no_caa"] = {"bg_threshold": t, "train_miou": tables[0][t], "val_miou": tables[1][t],
+                                           "val_best_miou": max(tables[1].values()),
+                                           "val_table": {str(k): v for k, v in tables[1].items()}}
+    return out
+

@@ -1,0 +1,72 @@
+"""The mask stage: every image of a split → its multi-level SAM masks (``MultiLevelMaskGenerator``), one npz per
+image in a ``StageCache`` keyed by the SAM, ``params.masks`` and the dataset; resumable and shardable
+(``python -m fmalib masks --shard i/n``: shards write into the same cache directory)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..core.cache import StageCache
+from ..core.errors import FmalibError
+from ..data import open_dataset
+from ..method.generator import MASK_KEYS, MultiLevelMaskGenerator
+from ..method.masks import LEVELS, MaskSet
+from ..models.checkpoints import load_sam_from_params, sam_fingerprint
+from .shards import shard_indices
+
+log = logging.getLogger(__name__)
+
+
+def mask_cache(params, split: str) -> StageCache:
+    """The mask cache of ``split``: keyed by the SAM, params.masks and the dataset (not by the shard)."""
+    data = params["data"]
+    key = {"sam": sam_fingerprint(params), "masks": {k: params["masks"][k] for k in MASK_KEYS},
+           "data": {"kind": data["kind"], "root": str(params.resolve_path("data.root")), "split": split,
+                    "synthetic": dict(data["synthetic"]) if data["kind"] == "synthetic" else None}}
+    return StageCache(params.resolve_path("workdir"), "masks", key)
+
+
+def load_masks(cache: StageCache, image_id: str) -> MaskSet:
+    """One image's cached masks."""
+    if not cache.has(image_id):
+        raise FmalibError(f"no cached SAM masks for image {image_id!r} in {cache.dir}; run the mask stage "
+                          f"(fmalib.stages.masks.run_mask_stage or python -m fmalib masks)")
+    return MaskSet.from_arrays(cache.load_npz(image_id), str(cache.path(image_id)))
+
+
+def save_masks(cache: StageCache, image_id: str, masks: MaskSet) -> Path:
+    return cache.save_npz(image_id, **masks.to_arrays())
+
+
+def run_mask_stage(params, split: str | None = None, shard: tuple[int, int] = (0, 1), *, force: bool = False,
+                   model=None, limit: int | None = None) -> StageCache:
+    """Compute and cache the masks of the images of ``split`` in ``shard`` that are not cached yet.
+
+    Resumable: finished images are files in the cache and are skipped; shards write into the same cache
+    directory, so running shards 0/n .. n-1/n (anywhere, in any order) fills it. ``limit`` caps the images
+    of this shard (smoke runs). Returns the cache."""
+    split = split or params["data"]["train_split"]
+    dataset = open_dataset(params, split)
+    cache = mask_cache(params, split)
+    mine = shard_indices(len(dataset), shard)[:limit]
+    todo = [j for j in mine if force or not cache.has(dataset.ids[j])]
+    log.info("SAM masks of %s shard %d/%d: %d images, %d cached, %d to compute -> %s",
+             split, shard[0], shard[1], len(mine), len(mine) - len(todo), len(todo), cache.dir)
+    if not todo:
+        return cache
+    generator = MultiLevelMaskGenerator(model if model is not None else load_sam_from_params(params),
+                                        params["masks"])
+    per_level = np.zeros(3, np.int64)
+    for j in tqdm(todo, desc=f"SAM masks {split} {shard[0]}/{shard[1]}"):
+        item = dataset[j]
+        masks = generator.generate(item["image"])
+        save_masks(cache, item["id"], masks)
+        per_level += np.bincount(masks.levels, minlength=3)[:3]
+    log.info("SAM masks of %s shard %d/%d: cached %d images in %s; masks per image: %s", split, shard[0],
+             shard[1], len(todo), cache.dir,
+             ", ".join(f"{name} {c / len(todo):.1f}" for name, c in zip(LEVELS, per_level)))
+    return cache
+

@@ -1,0 +1,277 @@
+"""The prompt stage (METHOD §2–3, "Training settings"): SGD on the contexts of a frozen CLIP.
+
+``train_prompts(params, "cls")`` fits the classification prompts with the multi-label contrastive loss;
+``train_prompts(params, "seg", seeds_dir=...)`` fits the segmentation prompts with the CAM activation loss on
+pixel seeds (``<seeds_dir>/<image id>.png``, palette or grayscale, 255 = ignore).
+
+SGD with momentum, constant warm-up lr then cosine to 0, AMP only on CUDA; batches and augmentation from
+``fmalib.stages.prompt_data``. Output dir = workdir/prompts_<stage>/<key>: ``ckpt.pt`` (contexts + optimizer,
+every ``ckpt_every`` iterations), ``context.pt`` (contexts only, when finished), ``loss.csv`` (per iteration:
+loss, lr, seconds and the mean cosine between foreground prompts, ``fmalib.method.prompts.fg_similarity``).
+``classification_map`` scores trained or hand prompts as a multi-label classifier over a split.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..core.cache import StageCache, atomic_path, atomic_write_text, dir_fingerprint
+from ..core.device import get_device
+from ..core.errors import FmalibError
+from ..data import open_dataset
+from ..method.metrics import average_precision, multi_hot
+from ..method.objectives import cls_batch_loss, seg_batch_loss
+from ..method.prompts import PromptSet, build_prompts, fg_similarity
+from ..models import clip as C
+from ..models.checkpoints import clip_fingerprint, load_clip_from_params
+from .prompt_data import TrainSet, batch_indices
+
+log = logging.getLogger(__name__)
+
+STAGES = ("cls", "seg")
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+def train_cache(params, stage: str, seeds_dir: str | Path | None = None) -> StageCache:
+    """Output dir of a training run: keyed by everything that changes its result."""
+    if stage not in STAGES:
+        raise FmalibError(f"prompt stage {stage!r}; expected one of {STAGES}")
+    pr = params["prompts"]
+    common = {k: v for k, v in pr.items() if k not in STAGES + ("ckpt_every", "num_workers")}
+    seeds = None
+    if stage == "seg":
+        if seeds_dir is None:
+            raise FmalibError("train_prompts(stage='seg') needs seeds_dir: a folder of <image id>.png seed maps")
+        seeds_dir = Path(seeds_dir)
+        if not seeds_dir.is_dir():
+            raise FmalibError(f"seeds_dir {seeds_dir} does not exist (expected <image id>.png seed label maps)")
+        seeds = dir_fingerprint(seeds_dir)
+    key = {"stage": stage, "prompts": common, "stage_cfg": pr[stage], "classes": params["classes"],
+           "clip": clip_fingerprint(params), "data": params["data"], "seed": int(params["seed"]), "seeds": seeds,
+           "device": get_device(params["device"]).type}
+    if stage == "seg":  # the seg loss differentiates Grad-CAMs of this target
+        key["cam_target"] = params["cam"]["target"]
+        key["cam_target_layer"] = params["cam"]["target_layer"]
+    return StageCache(params.resolve_path("workdir"), f"prompts_{stage}", key)
+
+
+def trained_context_path(params, stage: str, seeds_dir: str | Path | None = None) -> Path:
+    """context.pt of the finished ``train_prompts(params, stage, seeds_dir)`` run; an error if not trained."""
+    path = train_cache(params, stage, seeds_dir).dir / "context.pt"
+    if not path.is_file():
+        raise FmalibError(f"no trained {stage} prompts at {path}: run fmalib.stages.prompts.train_prompts(params, "
+                          f"{stage!r}{', seeds_dir=...' if stage == 'seg' else ''}) first")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ schedule
+
+def lr_at(it: int, iters: int, lr: float, warmup_iters: int, warmup_lr: float) -> float:
+    """Constant ``warmup_lr`` for the first ``warmup_iters`` iterations, then cosine from ``lr`` to 0."""
+    if it < warmup_iters:
+        return float(warmup_lr)
+    span = max(1, iters - warmup_iters)
+    return 0.5 * float(lr) * (1.0 + math.cos(math.pi * (it - warmup_iters) / span))
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+@dataclass
+class TrainResult:
+    stage: str
+    out_dir: Path
+    context_path: Path
+    csv_path: Path
+    losses: list = field(default_factory=list)
+    lrs: list = field(default_factory=list)
+    seconds: list = field(default_factory=list)  # wall time of each iteration
+    fg_similarity: list = field(default_factory=list)  # mean cosine between fg prompts after each iteration
+
+    @property
+    def iters_per_s(self) -> float:
+        """Training speed, the first iteration (warm-up of kernels and caches) left out."""
+        t = self.seconds[1:] or self.seconds
+        return float(len(t) / sum(t)) if t and sum(t) > 0 else float("nan")
+
+
+CSV_COLUMNS = {"loss": "losses", "lr": "lrs", "seconds": "seconds", "fg_similarity": "fg_similarity"}  # column: field
+CSV_FIELDS = tuple(CSV_COLUMNS.values())
+
+
+def _write_csv(path: Path, res: "TrainResult") -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["iter", *CSV_COLUMNS])
+    for i, row in enumerate(zip(*(getattr(res, f) for f in CSV_FIELDS))):
+        w.writerow([i] + [f"{v:.6f}" if col == "seconds" else repr(float(v)) for col, v in zip(CSV_COLUMNS, row)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _read_csv(path: Path, res: "TrainResult") -> None:
+    rows = list(csv.DictReader(path.read_text().splitlines()))
+    for col, attr in CSV_COLUMNS.items():
+        setattr(res, attr, [float(r.get(col) or "nan") for r in rows])  # runs logged before a column: NaN
+
+
+def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = None, model=None,
+                  progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train the ``stage`` prompts; returns the run's losses and paths (cached: a finished run is loaded).
+
+    Resumes from ``ckpt.pt`` when one is there. ``stop_after`` ends the run early after that many
+    iterations (a checkpoint is written) — used to test resuming.
+    """
+    cache = train_cache(params, stage, seeds_dir)
+    out = cache.dir
+    res = TrainResult(stage, out, out / "context.pt", out / "loss.csv")
+    if res.context_path.is_file() and res.csv_path.is_file():
+        _read_csv(res.csv_path, res)
+        log.info("%s prompts already trained: %s", stage, res.context_path)
+        return res
+
+    pr, cfg = params["prompts"], params["prompts"][stage]
+    device = get_device(params["device"])
+    use_amp = bool(pr["amp"]) and device.type == "cuda"
+    model = model if model is not None else load_clip_from_params(params)
+    prompts = build_prompts(stage, model, params).to(device)
+    opt = torch.optim.SGD(prompts.parameters(), lr=float(cfg["lr"]), momentum=float(pr["momentum"]),
+                          weight_decay=float(cfg["weight_decay"]))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start = 0
+    ckpt = out / "ckpt.pt"
+    if ckpt.is_file():
+        blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+        load_context(prompts, ckpt)
+        opt.load_state_dict(blob["optimizer"])
+        if use_amp and blob.get("scaler"):
+            scaler.load_state_dict(blob["scaler"])
+        start = int(blob["iter"])
+        for attr in CSV_FIELDS:
+            setattr(res, attr, list(blob.get(attr, [float("nan")] * start)))
+        log.info("resuming %s prompt training at iteration %d from %s", stage, start, ckpt)
+
+    ds = open_dataset(params, params["data"]["train_split"])
+    seeds_path = Path(seeds_dir) if stage == "seg" else None
+    mean, std = C.image_normalization(model)
+    data = TrainSet(ds, pr, int(params["seed"]), len(ds.class_names), seeds_path, mean, std)
+    iters, batch = int(cfg["iters"]), int(pr["batch_size"])
+    end = iters if stop_after is None else min(iters, start + int(stop_after))
+    keys = [[(it, s, i) for s, i in enumerate(batch_indices(len(ds), batch, it, int(params["seed"])))]
+            for it in range(start, end)]
+    loader = torch.utils.data.DataLoader(data, batch_sampler=keys, num_workers=int(pr["num_workers"]))
+
+    def save_ckpt(it_done: int) -> None:
+        with atomic_path(ckpt) as tmp:
+            torch.save({"state": prompts.context_state(), "optimizer": opt.state_dict(),
+                        "scaler": scaler.state_dict() if use_amp else {}, "iter": it_done,
+                        **{attr: getattr(res, attr) for attr in CSV_FIELDS}}, tmp)
+        _write_csv(res.csv_path, res)
+
+    log.info("training %s prompts: iterations %d..%d of %d, batch %d, %s%s -> %s", stage, start, end, iters,
+             batch, device, " + AMP" if use_amp else "", out)
+    prompts.train()
+    bar = tqdm(loader, total=len(keys), desc=f"{stage} prompts", disable=not progress, initial=0)
+    it = start
+    t0 = time.perf_counter()
+    for images, present, seeds in bar:
+        lr = lr_at(it, iters, cfg["lr"], cfg["warmup_iters"], cfg["warmup_lr"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        images, present, seeds = images.to(device), present.to(device), seeds.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            if stage == "cls":
+                loss = cls_batch_loss(model, prompts, images, present, cfg["loss"])
+            else:
+                loss = seg_batch_loss(model, prompts, images, present, seeds, params["cam"]["target"],
+                                      params["cam"]["target_layer"], cfg["pairs"])
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        with torch.no_grad():
+            res.fg_similarity.append(fg_similarity(prompts(), prompts.n_fg))
+        t1 = time.perf_counter()
+        res.losses.append(float(loss.detach()))
+        res.lrs.append(lr)
+        res.seconds.append(t1 - t0)
+        t0 = t1
+        bar.set_postfix(loss=f"{res.losses[-1]:.4f}")
+        it += 1
+        if it % int(pr["ckpt_every"]) == 0 or it == end:
+            save_ckpt(it)
+    if it >= iters:
+        save_context(prompts, res.context_path, stage=stage, iters=iters)
+        _write_csv(res.csv_path, res)
+        log.info("%s prompts trained: %s (loss %.4f -> %.4f, %.2f it/s)", stage, res.context_path,
+                 res.losses[0], res.losses[-1], res.iters_per_s)
+    return res
+
+
+def save_context(prompts: PromptSet, path: str | os.PathLike, **meta) -> Path:
+    """Contexts only (+ small metadata), written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"state": prompts.context_state(), "texts": prompts.texts, **meta}, tmp)
+    return Path(path)
+
+
+def load_context(prompts: PromptSet, path: str | os.PathLike) -> PromptSet:
+    """Load contexts saved by ``save_context`` (or a training checkpoint) into ``prompts``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FmalibError(f"prompt context file {path} does not exist (train the prompts first: "
+                          f"fmalib.stages.prompts.train_prompts)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob.get("state") if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise FmalibError(f"prompt context file {path} has no 'state' mapping of context tensors")
+    own = prompts.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        want = {k: tuple(v.shape) for k, v in own.items()}
+        raise FmalibError(f"prompt context file {path} holds {got}; these prompts expect {want} "
+                          f"(another prompt kind, class list or n_ctx?)")
+    prompts.load_state_dict(state)
+    return prompts
+
+
+@torch.no_grad()
+def classification_map(model, prompts: PromptSet, dataset, limit: int | None = None, progress: bool = True) -> dict:
+    """Multi-label classification AP over a split (METHOD §1 image embedding), two scorings per class k:
+
+    - ``map``: S_k = cos(image, fg prompt k), the zero-shot score;
+    - ``map_vs_bg``: S_k − log Σ_{bg j} e^{S_j} (S scaled by the logit scale), the log-odds of class k against
+      the background prompts — the quantity the contrastive loss trains, free of the image-wide offset that
+      raw cosines share.
+
+    {"map", "map_vs_bg": means over classes with a positive, "ap", "ap_vs_bg": {class name: AP}, "n_images"}.
+    """
+    text = prompts()
+    scale = C.logit_scale(model).float()
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    scores, labels = [], []
+    for j in tqdm(range(n), desc="classification AP", disable=not progress, leave=False):
+        item = dataset[j]
+        emb = F.normalize(C.encode_image_tokens(model, C.to_input(model, item["image"])).image_embed.float(), dim=-1)
+        scores.append((emb @ text.T)[0].cpu())
+        labels.append(item["labels"])
+    cos = torch.stack(scores)
+    fg = cos[:, : prompts.n_fg]
+    vs_bg = scale * fg - torch.logsumexp(scale * cos[:, prompts.n_fg:], 1, keepdim=True) if prompts.n_bg else fg
+    y = multi_hot(labels, prompts.n_fg)
+    names = list(getattr(dataset, "class_names", range(1, prompts.n_fg + 1)))
+    out = {"n_images": n}
+    for key, sc in (("", fg), ("_vs_bg", vs_bg)):
+        ap = [average_precision(sc[:, k].numpy(), y[:, k]) for k in range(prompts.n_fg)]
+        out[f"map{key}"], out[f"ap{key}"] = float(np.nanmean(ap)), dict(zip(names, ap))
+    return out

@@ -1,0 +1,207 @@
+"""Command line: ``python -m fmalib <stage> --params params/toy.yaml`` — the same functions the notebooks call.
+
+Each subcommand has its own options (``python -m fmalib masks --help``); every option it lists is honoured.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from ..core.cache import atomic_write_text
+from ..core.errors import FmalibError
+from ..core.params import repo_root
+from ..data import open_dataset
+from ..pretrain.clip import pretrain_clip
+from ..pretrain.sam import pretrain_sam
+from ..segment.evaluate import evaluate_segmenter
+from ..segment.train import run_dir, train_segmenter
+from ..stages.masks import run_mask_stage
+from ..stages.prompts import train_prompts
+from ..stages.seeds import pipeline_seeds
+from ..stages.shards import check_shard
+from . import setup
+from .report import build_report
+from .reproduce import run_notebooks
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n), 0 <= i < n."""
+    try:
+        return check_shard(tuple(int(x) for x in text.split("/")))
+    except (ValueError, FmalibError):
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/8") from None
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``--set key=value`` items -> {dotted key: YAML-parsed value}."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise FmalibError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _params(args):
+    return setup(args.params, fast=args.fast, overrides=args.overrides, device=args.device)
+
+
+def _out_dir(args) -> Path:
+    return Path(args.out) if args.out else repo_root() / "reports" / Path(args.params).stem
+
+
+# --- the subcommands ------------------------------------------------------------------------------------------
+def data(args) -> None:
+    """Open (and, for the synthetic benchmark, generate) both splits and print their sizes."""
+    params = _params(args)
+    for split in (params.data.train_split, params.data.val_split):
+        print(f"{split}: {len(open_dataset(params, split))} images")
+
+
+def reproduce(args) -> None:
+    """Execute every notebook with papermill (cached by params + code + notebook source), then the report."""
+    out = _out_dir(args)
+    parameters = {"fast": bool(args.fast), "overrides": args.overrides}
+    if args.device:
+        parameters["device"] = args.device
+    for rec in run_notebooks(args.params, out, parameters=parameters, force=args.force):
+        print(f"{rec['notebook']:32s} {rec['status']:7s} {rec['seconds']:8.1f} s")
+    print(f"report: {build_report(out)}")
+
+
+def report(args) -> None:
+    """Rebuild the HTML report from the executed notebooks' recorded results."""
+    print(build_report(_out_dir(args)))
+
+
+def foundation(args) -> None:
+    """Pretrain the tiny CLIP and SAM into assets/ and refresh assets/SHA256SUMS."""
+    params = _params(args)
+    pretrain_clip(params)
+    pretrain_sam(params)
+    print(write_asset_manifest(repo_root() / "assets"))
+
+
+def write_asset_manifest(assets_dir: Path) -> Path:
+    """assets/SHA256SUMS in `sha256sum -c` format, so users can check the shipped weights."""
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}"
+             for p in sorted(assets_dir.glob("*")) if p.is_file() and p.name != "SHA256SUMS"]
+    return atomic_write_text(assets_dir / "SHA256SUMS", "\n".join(lines) + "\n")
+
+
+def masks(args) -> None:
+    """Multi-level SAM masks of a split (default: the train split), this process's shard."""
+    params = _params(args)
+    cache = run_mask_stage(params, args.split or params.data.train_split, shard=args.shard, force=args.force)
+    print(f"masks: {len(cache.done_ids())} images cached in {cache.dir}")
+
+
+def prompts(args) -> None:
+    """Train cls prompts, then seg prompts on the coarse seeds (single process; the seeds stage runs between)."""
+    params = _params(args)
+    train_prompts(params, "cls")
+    train_prompts(params, "seg", seeds_dir=pipeline_seeds(params, "coarse").dir)
+
+
+def seeds(args) -> None:
+    """Coarse and fine SAMS seeds of the train split (masks, CAMs and seeds cached and resumed)."""
+    params = _params(args)
+    for stage in ("coarse", "fine"):
+        print(f"{stage} seeds: {pipeline_seeds(params, stage).dir}")
+
+
+def stage2(args) -> None:
+    """Train a Detectron2 segmenter on a label set (default: the ground truth), then evaluate it on val."""
+    params = _params(args)
+    tag = args.tag or ("seeds" if args.labels else "gt")
+    out = args.out or run_dir(params, tag, args.labels)
+    result = {"run": str(out)}
+    if not args.eval_only:
+        result["train"] = train_segmenter(params, args.labels, out, resume=not args.no_resume,
+                                          num_gpus=args.num_gpus)
+    if not args.no_eval:
+        single = args.single_scale
+        res = evaluate_segmenter(params, out, args.split, crf=True if args.crf else None,
+                                 scales=[1.0] if single else None, flip=False if single else None)
+        keys = ("split", "n_images", "miou", "d2_miou", "crf_applied", "scales", "flip")
+        result["eval"] = {k: res[k] for k in keys}
+    logging.getLogger(__name__).info("stage 2 done: %s", out)
+    print(json.dumps(result, default=str))
+
+
+# --- the parser -----------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params/toy.yaml", help="params YAML (default: %(default)s)")
+    p.add_argument("--fast", action="store_true", help="apply the params file's fast: overrides")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, value parsed as YAML (repeatable)")
+    p.add_argument("--device", default=None, help="overrides params device (cpu, cuda, cuda:N)")
+
+
+def _out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="executed notebooks' folder (default: reports/<params file stem>)")
+
+
+def _stage2_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", default=None, help="pseudo-label folder (<id>.png per train image); "
+                                                  "omit to train on the ground truth")
+    p.add_argument("--tag", default=None, help="run name under workdir/stage2 (default: seeds / gt)")
+    p.add_argument("--out", default=None, help="run directory (default: workdir/stage2/<tag>-<hash>)")
+    p.add_argument("--split", default=None, help="evaluation split (default: data.val_split)")
+    p.add_argument("--num-gpus", type=int, default=None, help="overrides stage2.num_gpus")
+    p.add_argument("--no-resume", action="store_true", help="start training over")
+    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--single-scale", action="store_true", help="evaluate without stage2.test's scales and flip")
+    p.add_argument("--crf", action="store_true", help="dense CRF post-processing (whatever stage2.test.crf says)")
+
+
+def _masks_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default=None, help="dataset split (default: data.train_split)")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this process's share of images")
+    p.add_argument("--force", action="store_true", help="recompute images already cached")
+
+
+def _reproduce_options(p: argparse.ArgumentParser) -> None:
+    _out(p)
+    p.add_argument("--force", action="store_true", help="rerun notebooks whose executed copy is current")
+
+
+# name -> (function, extra options)
+COMMANDS = {
+    "data": (data, None), "foundation": (foundation, None), "masks": (masks, _masks_options),
+    "prompts": (prompts, None), "seeds": (seeds, None), "stage2": (stage2, _stage2_options),
+    "reproduce": (reproduce, _reproduce_options), "report": (report, _out),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fmalib", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (func, options) in COMMANDS.items():
+        p = sub.add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__)
+        _common(p)
+        if options:
+            options(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        args.overrides = parse_overrides(args.set)
+        args.func(args)
+    except FmalibError as exc:
+        print(f"fmalib {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
