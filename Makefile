@@ -20,7 +20,9 @@ install:
 	-git config filter.nbstripout.required true
 
 test:
-	# two workers, a file each: the two end-to-end study tests (toy notebooks, voc/coco params) overlap
+	# the layer contracts of pyproject.toml first (seconds), then the tests: two workers, a file each, so the
+	# two end-to-end study tests (toy notebooks, voc/coco params) overlap
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 foundation:

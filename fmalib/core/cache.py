@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from .. import __version__
 from .errors import FmalibError
@@ -60,6 +61,19 @@ def atomic_save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return atomic_write_bytes(path, _strip_zip_times(buf.getvalue()))
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` into memory: saved to a file, the zip's record names carry the (temp) file's name, so
+    equal tensors would give different bytes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` written atomically; equal objects give equal bytes."""
+    return atomic_write_bytes(path, torch_bytes(obj))
 
 
 def _strip_zip_times(data: bytes) -> bytes:

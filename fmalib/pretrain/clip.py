@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from ..core.cache import atomic_save_npz, atomic_write_bytes, load_npz, stable_hash
+from ..core.cache import atomic_save_npz, atomic_write_bytes, load_npz, stable_hash, torch_bytes
 from ..core.device import seed_everything
 from ..core.errors import FmalibError
 from ..core.params import Params, load_params, repo_root, validate
@@ -266,9 +265,7 @@ def param_groups(model, heads: Heads, weight_decay: float) -> list[dict]:
 
 def state_bytes(model, fp16: bool) -> bytes:
     state = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+    return torch_bytes(state)
 
 
 def val_set(params: Params, n: int) -> tuple[list, list, list]:
@@ -311,7 +308,7 @@ def pretrain_clip(params: Params, steps: int | None = None, output: str | None =
     ckpt_path = run_dir / "checkpoint.pt"
 
     seed_everything(cfg["seed"])
-    model = open_clip.create_model(C.TINY_CLIP, pretrained=None)
+    model = C.build_clip(C.TINY_CLIP)
     model.train()
     heads = Heads()
     tokenizer = C.get_tokenizer(C.TINY_CLIP)

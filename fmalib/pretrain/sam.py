@@ -28,7 +28,6 @@ run. ``python -m fmalib.pretrain.sam --params params/toy.yaml``.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm.auto import tqdm
 
-from ..core.cache import atomic_write_bytes, stable_hash
+from ..core.cache import atomic_write_bytes, stable_hash, torch_bytes
 from ..core.device import seed_everything
 from ..core.errors import FmalibError
 from ..core.params import Params, load_params, validate
@@ -303,22 +302,15 @@ def state_dir(params: Params, cfg: Mapping) -> Path:
     return params.resolve_path("workdir") / "foundation" / "sam" / stable_hash(key)
 
 
-def _torch_bytes(obj) -> bytes:
-    """torch.save into memory: saved to a file, the zip's record names carry the (temp) file's name."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def _save_state(path: Path, model: Sam, opt, step: int, history: list) -> None:
-    atomic_write_bytes(path, _torch_bytes({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+    atomic_write_bytes(path, torch_bytes({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                                            "history": history}))
 
 
 def save_weights(model: Sam, path: Path, fp16: bool) -> Path:
     """The shipped checkpoint: a plain state dict, as ``sam_vit_h_4b8939.pth`` is."""
     state = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    return atomic_write_bytes(path, _torch_bytes(state))
+    return atomic_write_bytes(path, torch_bytes(state))
 
 
 def export_from_state(params: Params, output: str | Path | None = None, steps: int | None = None) -> Path:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.cache import StageCache, atomic_path, atomic_write_text, dir_fingerprint
+from ..core.cache import StageCache, atomic_torch_save, atomic_write_text, dir_fingerprint
 from ..core.device import get_device
 from ..core.errors import FmalibError
 from ..data import open_dataset
@@ -172,10 +172,9 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
     loader = torch.utils.data.DataLoader(data, batch_sampler=keys, num_workers=int(pr["num_workers"]))
 
     def save_ckpt(it_done: int) -> None:
-        with atomic_path(ckpt) as tmp:
-            torch.save({"state": prompts.context_state(), "optimizer": opt.state_dict(),
-                        "scaler": scaler.state_dict() if use_amp else {}, "iter": it_done,
-                        **{attr: getattr(res, attr) for attr in CSV_FIELDS}}, tmp)
+        atomic_torch_save(ckpt, {"state": prompts.context_state(), "optimizer": opt.state_dict(),
+                                 "scaler": scaler.state_dict() if use_amp else {}, "iter": it_done,
+                                 **{attr: getattr(res, attr) for attr in CSV_FIELDS}})
         _write_csv(res.csv_path, res)
 
     log.info("training %s prompts: iterations %d..%d of %d, batch %d, %s%s -> %s", stage, start, end, iters,
@@ -220,9 +219,7 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
 
 def save_context(prompts: PromptSet, path: str | os.PathLike, **meta) -> Path:
     """Contexts only (+ small metadata), written atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"state": prompts.context_state(), "texts": prompts.texts, **meta}, tmp)
-    return Path(path)
+    return atomic_torch_save(path, {"state": prompts.context_state(), "texts": prompts.texts, **meta})
 
 
 def load_context(prompts: PromptSet, path: str | os.PathLike) -> PromptSet:
