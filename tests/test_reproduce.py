@@ -1,10 +1,11 @@
 """make reproduce's engine: skip unchanged notebooks, name the failing notebook and cell, keep earlier results."""
 import nbformat
+import numpy as np
 import pytest
 
 from fmalib.core.errors import FmalibError
 from fmalib.study.report import build_report, headline_table
-from fmalib.study.reproduce import run_notebooks
+from fmalib.study.reproduce import notebook_paths, run_notebooks
 
 
 def _write_nb(path, *sources):
@@ -69,3 +70,24 @@ def test_ordering_and_ablation_tables_read_recorded_results(tmp_path):
     table = ablation_table(tmp_path).set_index("setting")["mIoU (%)"]
     assert table["cls CAMs + SAMS = coarse seeds (train)"] == pytest.approx(60.0)
     assert table.isna().sum() == len(table) - 3
+
+
+def test_results_schema_names_notebook_and_field(tmp_path):
+    from fmalib.study.results import SCHEMA, read_results, record, result
+
+    record(tmp_path, "04_coarse_seeds", coarse_seed_miou=np.float32(0.5), fallback_images=2)
+    assert result(tmp_path, "04_coarse_seeds", "coarse_seed_miou") == 0.5
+    with pytest.raises(FmalibError, match="notebook 04_coarse_seeds has no field 'coarse_seeds_miou'"):
+        record(tmp_path, "04_coarse_seeds", coarse_seeds_miou=0.5)  # misspelt
+    with pytest.raises(FmalibError, match="no notebook '04_coarse'"):
+        record(tmp_path, "04_coarse", coarse_seed_miou=0.5)
+    with pytest.raises(FmalibError, match=r"04_coarse_seeds.fallback_images = 2.5 is float; expected int"):
+        record(tmp_path, "04_coarse_seeds", fallback_images=2.5)
+    with pytest.raises(FmalibError, match="has no 'gt_best_miou': run notebook 04_coarse_seeds first"):
+        result(tmp_path, "04_coarse_seeds", "gt_best_miou")
+    with pytest.raises(FmalibError, match="notebook 06_fine_seeds has no field 'label_dirs'"):
+        result(tmp_path, "06_fine_seeds", "label_dirs")
+    (tmp_path / "results" / "05_seg_prompts.json").write_text('{"seg_seed_mIoU": 0.3}')  # written by hand, wrong
+    with pytest.raises(FmalibError, match="notebook 05_seg_prompts has no field 'seg_seed_mIoU'"):
+        read_results(tmp_path)
+    assert set(SCHEMA) == {p.stem for p in notebook_paths()} - {"09_report"}

@@ -54,7 +54,7 @@ def test_reproduce_runs_the_real_params_end_to_end(studies, kind):
     foundation = results["01_foundation_models"]
     assert foundation["clip_model"] == "fmalib-tiny-clip" and foundation["zero_shot_images"] == 2
     assert "clip_zero_shot_map" not in foundation  # the generator-based checks are for generated data only
-    assert results["data"]["kind"] == kind and results["data"]["classes"] == (20 if kind == "voc" else 80)
+    assert results["00_data"]["kind"] == kind and results["00_data"]["classes"] == (20 if kind == "voc" else 80)
     assert results["06_fine_seeds"]["n_labels"] == 4
     assert 0.0 <= results["08_stage2"]["seeds_val_miou"] <= 1.0
     nb01 = json.loads((out / "01_foundation_models.ipynb").read_text())

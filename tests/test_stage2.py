@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (make install / tools/install_detectron2.sh)")
 
@@ -20,7 +21,7 @@ from fmalib.method.metrics import ConfusionMeter, iou_per_class, mean_iou
 from fmalib.segment import compat  # noqa: E402
 from fmalib.segment import evaluate as seg_eval  # noqa: E402
 from fmalib.segment.config import build_config  # noqa: E402
-from fmalib.segment.datasets import SemSegMapper, random_scale_crop_flip, register_gt, register_pseudo  # noqa: E402
+from fmalib.segment.datasets import SemSegMapper, augment, register_gt, register_pseudo  # noqa: E402
 from fmalib.segment.train import read_metrics, train_segmenter  # noqa: E402
 
 # A tiny, fast schedule: R18 with narrow FPN/head (GroupNorm needs multiples of 32), 64 px crops, no rescale.
@@ -96,20 +97,113 @@ def test_registration_round_trip(params, tmp_path):
         register_pseudo(params, tmp_path)
 
 
-def test_augmentation_keeps_labels_on_their_pixels():
-    rng = np.random.default_rng(0)
-    label = rng.integers(0, 7, (40, 50)).astype(np.uint8)
-    image = np.stack([label * 30, label * 30 + 1, 255 - label], -1).astype(np.uint8)  # colour encodes the class
-    for _ in range(10):
-        img, lab = random_scale_crop_flip(image, label, (1.0, 1.0), 48, True, rng)
-        assert img.shape == (48, 48, 3) and lab.shape == (48, 48)
+# one colour per class (every channel > 0, so no blend of them is the black of the padding)
+COLOURS = np.array([[20, 200, 40], [200, 30, 60], [60, 60, 220], [230, 220, 20], [30, 210, 210], [180, 40, 200],
+                    [120, 120, 120]], np.uint8)
+
+
+def _blocky_label(h, w, seed, block=8):
+    """Random classes 0..6 in ``block`` x ``block`` squares (odd sizes leave partial blocks at the edges)."""
+    cells = np.random.default_rng(seed).integers(0, len(COLOURS), (-(-h // block), -(-w // block)))
+    return np.kron(cells, np.ones((block, block), np.int64))[:h, :w].astype(np.uint8)
+
+
+def _decode(pixels):
+    """The class whose colour is nearest to each RGB pixel."""
+    return np.abs(pixels[..., None, :].astype(int) - COLOURS.astype(int)).sum(-1).argmin(-1)
+
+
+def _interior(label, r=2):
+    """Pixels whose (2r+1)^2 neighbourhood has one class and no padding: bilinear colours are exact there."""
+    h, w = label.shape
+    padded = np.pad(label.astype(int), r, constant_values=-1)
+    windows = np.stack([padded[dy:dy + h, dx:dx + w] for dy in range(2 * r + 1) for dx in range(2 * r + 1)])
+    return (windows == label).all(0) & (label != 255)
+
+
+def test_augmentation_labels_follow_the_image_pixel_for_pixel():
+    label = _blocky_label(37, 53, seed=0, block=12)
+    image = COLOURS[label]
+    np.random.seed(0)
+    padded_draws = 0
+    for _ in range(30):
+        img, lab = augment(image, label, (0.6, 1.8), 48, True)
+        assert img.shape == (48, 48, 3) and lab.shape == (48, 48) and img.dtype == lab.dtype == np.uint8
         pad = lab == 255
-        assert pad.any() and (img[pad] == 0).all()  # 40 < 48: padded rows are ignore, image black
-        assert np.array_equal(img[~pad][:, 0], lab[~pad] * 30)
-    img, lab = random_scale_crop_flip(image, label, (2.0, 2.0), 32, False, rng)  # nearest labels at 2x
-    assert set(np.unique(lab)) <= set(np.unique(label))
-    mapper = SemSegMapper(is_train=False, input_format="BGR")
-    assert mapper.is_train is False
+        assert np.array_equal(pad, (img == 0).all(-1))  # ignore labels exactly where the image is padded black
+        rows = (~pad).any(1)
+        assert rows[:rows.sum()].all()  # padding only below (and beside) the image, never inside it
+        padded_draws += pad.any()
+        inner = _interior(lab)
+        assert inner.sum() > 0.2 * (~pad).sum()
+        assert np.array_equal(_decode(img[inner]), lab[inner])  # each label on its own pixel, scaled/cropped/flipped
+        assert (_decode(img[~pad]) == lab[~pad]).mean() > 0.9  # boundaries blend colours, labels stay nearest
+        assert set(np.unique(lab[~pad])) <= set(np.unique(label))
+    assert 0 < padded_draws < 30  # 37 * s < 48 for s < 1.3: some draws pad, others do not
+    img, lab = augment(image, label, (1.0, 1.0), 48, True)  # no rescale: every pixel exact
+    pad = lab == 255
+    assert pad.sum() == 48 * 48 - 37 * 48 and np.array_equal(img[~pad], COLOURS[lab[~pad]])
+
+
+def test_augmentation_scales_by_the_image_size_and_crops_anywhere():
+    yy, xx = np.mgrid[:60, :80]
+    image = np.stack([yy, xx, np.full_like(yy, 7)], -1).astype(np.uint8)  # each pixel carries its coordinates
+    label = (yy % 5).astype(np.uint8)
+    np.random.seed(2)
+    for s in (0.5, 1.5):  # s of the image's own size, whatever the crop would be
+        img, lab = augment(image, label, (s, s), 0, False)
+        assert img.shape == (round(60 * s), round(80 * s), 3) and lab.shape == img.shape[:2]
+    offsets = []
+    for _ in range(300):
+        img, lab = augment(image, label, (1.0, 1.0), 24, False)
+        y, x = int(img[0, 0, 0]), int(img[0, 0, 1])
+        assert np.array_equal(img, image[y:y + 24, x:x + 24]) and np.array_equal(lab, label[y:y + 24, x:x + 24])
+        offsets.append((y, x))
+    ys, xs = np.array(offsets).T
+    assert ys.min() <= 2 and ys.max() >= 34 and xs.min() <= 2 and xs.max() >= 54  # windows reach every border
+    assert abs(np.corrcoef(ys, xs)[0, 1]) < 0.2 and len(set(offsets)) > 200  # y and x drawn independently
+
+
+def test_augmentation_flips_about_half_the_time_and_replays_from_the_seed():
+    label = _blocky_label(32, 40, seed=1)
+    image = COLOURS[label]
+    np.random.seed(3)
+    flips = 0
+    for _ in range(400):
+        img, lab = augment(image, label, (1.0, 1.0), 0, True)
+        flipped = np.array_equal(lab, label[:, ::-1])
+        assert np.array_equal(img, image[:, ::-1] if flipped else image)  # image and label flip together
+        assert flipped or np.array_equal(lab, label)
+        flips += flipped
+    assert 160 < flips < 240  # p = 0.5: 200 +- 4 sigma
+    assert all(np.array_equal(augment(image, label, (1.0, 1.0), 0, False)[1], label) for _ in range(20))
+
+    def draws(seed):
+        np.random.seed(seed)  # what Detectron2 seeds per data-loader worker
+        return [augment(image, label, (0.5, 2.0), 24, True) for _ in range(5)]
+
+    a, b, c = draws(7), draws(7), draws(8)
+    assert all(np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b))
+    assert not all(np.array_equal(x[0], y[0]) for x, y in zip(a, c))
+
+
+def test_mapper_reads_palette_labels_and_augments(tmp_path):
+    label = _blocky_label(30, 44, seed=2)
+    label[:8, :8] = 5  # VOC palette index 5 is (128, 0, 128): read as luminance it would not be 5
+    Image.fromarray(COLOURS[label]).save(tmp_path / "a.png")
+    write_label_png(tmp_path / "a_label.png", label)
+    record = {"file_name": str(tmp_path / "a.png"), "sem_seg_file_name": str(tmp_path / "a_label.png"), "image_id": "a"}
+    np.random.seed(0)
+    out = SemSegMapper(True, "BGR", (1.0, 1.0), 40, True)(record)
+    assert (out["height"], out["width"]) == (30, 44)
+    sem, img = out["sem_seg"].numpy(), out["image"].numpy().transpose(1, 2, 0)[:, :, ::-1]  # BGR back to RGB
+    assert out["sem_seg"].dtype == torch.int64 and sem.shape == (40, 40) and img.shape == (40, 40, 3)
+    valid = sem != 255
+    assert valid.sum() == 30 * 40 and np.array_equal(img[valid], COLOURS[sem[valid]])
+    assert np.array_equal(np.sort(np.unique(sem[valid])), np.unique(label))
+    test = SemSegMapper(is_train=False, input_format="RGB")(record)
+    assert "sem_seg" not in test and tuple(test["image"].shape) == (3, 30, 44)
+    assert np.array_equal(test["image"].numpy().transpose(1, 2, 0), COLOURS[label])
 
 
 def test_training_lowers_the_loss_and_checkpoints(trained):

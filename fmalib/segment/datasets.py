@@ -10,6 +10,7 @@ into colour brightness.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core.cache import stable_hash
@@ -105,40 +105,62 @@ def register_pseudo(params, label_dir: str | os.PathLike, split: str | None = No
     return register_semseg(name, records, class_names_with_background(params), label_dir=str(label_dir))
 
 
-def _randint(rand, n: int) -> int:
-    """Uniform integer in [0, n) from either NumPy RNG API (module, RandomState or Generator)."""
-    return min(int(rand.uniform() * n), n - 1)
+def _pad_to_crop(crop: int):
+    """``T.FixedSizeCrop`` padding to ``crop`` x ``crop`` at the bottom/right: image 0, label 255 (ignore)."""
+    from detectron2.data import transforms as T
+
+    if "seg_pad_value" in inspect.signature(T.FixedSizeCrop).parameters:  # Detectron2 after 0.6
+        return T.FixedSizeCrop((crop, crop), pad=True, pad_value=0, seg_pad_value=IGNORE)
+
+    class FixedSizeCropIgnorePad(T.FixedSizeCrop):
+        # own: Detectron2 0.6's FixedSizeCrop has no seg_pad_value and pads labels with 0 (= background)
+        def _get_pad(self, image):
+            pad = super()._get_pad(image)
+            pad.seg_pad_value = IGNORE
+            return pad
+
+    return FixedSizeCropIgnorePad((crop, crop), pad=True, pad_value=0)
 
 
-def random_scale_crop_flip(image: np.ndarray, label: np.ndarray, scale_range: Sequence[float], crop: int,
-                           flip: bool, rng=None) -> tuple[np.ndarray, np.ndarray]:
-    """Training augmentation: rescale by s ~ U(scale_range), pad to ``crop`` (image 0, label 255 = ignore),
-    random ``crop`` x ``crop`` window, horizontal flip with p = 0.5. Labels follow the image exactly.
-    ``rng`` defaults to NumPy's global RNG, which Detectron2 seeds per data-loader worker."""
-    rand = np.random if rng is None else rng
-    h, w = label.shape
-    s = float(rand.uniform(*scale_range))
-    nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    if (nh, nw) != (h, w):
-        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-        label = np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
-    ph, pw = max(crop - nh, 0), max(crop - nw, 0)
-    if ph or pw:
-        image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
-        label = np.pad(label, ((0, ph), (0, pw)), constant_values=IGNORE)
-    y, x = _randint(rand, label.shape[0] - crop + 1), _randint(rand, label.shape[1] - crop + 1)
-    image, label = image[y:y + crop, x:x + crop], label[y:y + crop, x:x + crop]
-    if flip and rand.uniform() < 0.5:
-        image, label = image[:, ::-1], label[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
+def train_augmentations(height: int, width: int, scale_range: Sequence[float], crop: int, flip: bool):
+    """The training augmentation of an ``height`` x ``width`` image, as a Detectron2 ``AugmentationList``.
+
+    Rescale by s ~ U(scale_range) of the image's own size, a random ``crop`` x ``crop`` window (padded at the
+    bottom/right with image 0, label 255 where the rescaled image is smaller; ``crop`` 0: no crop), horizontal
+    flip with p = 0.5. Apply it to ``T.AugInput(image, sem_seg=label)``: labels follow the image (nearest).
+    Draws from NumPy's global RNG, which Detectron2 seeds per data-loader worker.
+    """
+    ensure_detectron2()
+    from detectron2.data import transforms as T
+
+    # target = the image's own size makes ResizeScale's factor exactly s (DeepLab's jitter of the image itself)
+    augs = [T.ResizeScale(float(scale_range[0]), float(scale_range[1]), height, width)]
+    if crop > 0:
+        # RandomCrop draws y and x offsets independently; FixedSizeCrop's one draw for both would tie them to
+        # the diagonal, so here it only pads (its crop is a no-op on an image no larger than the crop)
+        augs += [T.RandomCrop("absolute", (crop, crop)), _pad_to_crop(crop)]
+    if flip:
+        augs.append(T.RandomFlip(prob=0.5, horizontal=True, vertical=False))
+    return T.AugmentationList(augs)
+
+
+def augment(image: np.ndarray, label: np.ndarray, scale_range: Sequence[float], crop: int,
+            flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`train_augmentations` applied to an RGB uint8 image and its uint8 label map of the same size."""
+    ensure_detectron2()
+    from detectron2.data import transforms as T
+
+    aug_input = T.AugInput(image, sem_seg=label)
+    train_augmentations(*label.shape, scale_range, crop, flip)(aug_input)
+    return np.ascontiguousarray(aug_input.image), np.ascontiguousarray(aug_input.sem_seg)
 
 
 class SemSegMapper:
     """Record -> model input ``{image (3,H,W) uint8 in the model's channel order, height, width[, sem_seg]}``.
 
-    Training (``is_train``): reads the label PNG and applies :func:`random_scale_crop_flip` (NumPy's global
-    RNG, which Detectron2 seeds per data-loader worker). Testing: the image at its own size; evaluation
-    reads the labels from the files itself.
+    Training (``is_train``): reads the label PNG and applies :func:`train_augmentations` (Detectron2's
+    transforms, drawing from NumPy's global RNG, which Detectron2 seeds per data-loader worker). Testing: the
+    image at its own size; evaluation reads the labels from the files itself.
     """
 
     def __init__(self, is_train: bool, input_format: str = "RGB", scale_range: Sequence[float] = (1.0, 1.0),
@@ -160,11 +182,12 @@ class SemSegMapper:
         image = read_image(Path(record["file_name"]))
         out["height"], out["width"] = image.shape[:2]
         if self.is_train:
+            # own reader: Detectron2's DatasetMapper reads label PNGs as "L", which turns palette ids into brightness
             label = read_label_png(record["sem_seg_file_name"])
             if label.shape != image.shape[:2]:
                 raise FmalibError(f"label {record['sem_seg_file_name']} is {label.shape} but image "
                                   f"{record['file_name']} is {image.shape[:2]}; expected equal sizes")
-            image, label = random_scale_crop_flip(image, label, self.scale_range, self.crop, self.flip)
+            image, label = augment(image, label, self.scale_range, self.crop, self.flip)
             out["sem_seg"] = torch.as_tensor(label.astype(np.int64))
         if self.input_format == "BGR":
             image = image[:, :, ::-1]

@@ -106,6 +106,12 @@ class SeedSet:
     def path(self, image_id: str) -> Path:
         return self.dir / f"{image_id}.png"
 
+    @property
+    def fallback_images(self) -> int:
+        """Images without a SAM mask (painted by the per-pixel CAM rule), over every run of this cache."""
+        meta = self.dir / "meta.json"
+        return int(json.loads(meta.read_text())["fallback_images"]) if meta.is_file() else self.stats["fallback"]
+
 
 def seed_cache(params, split: str, stage: str, masks_cache: StageCache, cam_ident, rule: float | str) -> StageCache:
     """Keyed by the rule that sets p (``auto`` — its inputs, power_images and power_grid, are in params.sams —

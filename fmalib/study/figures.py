@@ -15,6 +15,8 @@ from ..method.masks import LEVELS, MaskSet
 from ..method.prompts import HAND_TEMPLATE
 from ..method.upsample import upsample_cams
 from ..models.clip import to_input
+from ..stages.cams import load_cams
+from ..stages.masks import load_masks
 from ..pretrain.clip_quality import hand_prompt_gradcam, text_features
 from ..pretrain.sam_quality import center_point, predict_points
 from .viz import heatmap, mask_mosaic, overlay
@@ -119,3 +121,38 @@ def seed_panels(item: dict, cams: np.ndarray, labels: np.ndarray, seeds: dict[st
     images = [image, overlay(image, item["gt"]), heatmap(image, heat / max(float(heat.max()), 1e-6))]
     images += [overlay(image, s) for s in seeds.values()]
     return images, ["image", "ground truth", "CAM (max over classes)", *seeds]
+
+
+def hand_prompt_cam_rows(model, tokenizer: Callable, items: Sequence[dict], class_names: Sequence[str],
+                         bg_words: Sequence[str]) -> tuple[list, list]:
+    """``hand_prompt_cam_panels`` of several items, one after the other (notebook 01)."""
+    images, titles = [], []
+    for item in items:
+        p, t = hand_prompt_cam_panels(model, tokenizer, item, class_names, bg_words)
+        images += p
+        titles += t
+    return images, titles
+
+
+def mask_level_rows(dataset, cache, n: int = 4) -> tuple[list, list]:
+    """Per image: the image, all its cached masks, then each level's (notebook 02)."""
+    images, titles = [], []
+    for j in range(min(n, len(dataset))):
+        item = dataset[j]
+        masks = load_masks(cache, item["id"])
+        mosaics = level_mosaics(item["image"], masks)
+        counts = np.bincount(masks.levels, minlength=3)
+        images += [item["image"], mosaics["all"], *(mosaics[name] for name in LEVELS)]
+        titles += [item["id"], f"all ({len(masks)})", *(f"{name} ({c})" for name, c in zip(LEVELS, counts))]
+    return images, titles
+
+
+def cam_rows(dataset, sources: dict[str, tuple], n: int = 4) -> tuple[list, list]:
+    """``cam_panels`` of the first ``n`` images for CAM caches ``{title: (StageCache, caa)}`` (notebooks 03, 05)."""
+    images, titles = [], []
+    for j in range(min(n, len(dataset))):
+        item = dataset[j]
+        p, t = cam_panels(item, {name: load_cams(cache, item["id"], caa=caa) for name, (cache, caa) in sources.items()})
+        images += p
+        titles += t
+    return images, titles

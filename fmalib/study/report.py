@@ -12,7 +12,7 @@ from nbconvert import HTMLExporter
 from ..core.cache import atomic_write_text
 from ..core.errors import FmalibError
 from .compare import orderings
-from .results import read_results
+from .results import check_field, lookup, read_results
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,12 @@ HEADLINE = [
 def headline_table(out_dir: str | os.PathLike) -> pd.DataFrame:
     """mIoU (%) per headline row; NaN where that notebook has not recorded it yet."""
     results = read_results(out_dir)
-    rows = [{"result": label, "mIoU (%)": 100 * float(results.get(g, {}).get(k, float("nan")))}
+    rows = [{"result": label, "mIoU (%)": 100 * float(lookup(results, g, k, float("nan")))}
             for g, k, label in HEADLINE]
     table = pd.DataFrame(rows)
-    s2 = results.get("08_stage2", {})
-    if "seeds_val_miou" in s2 and "gt_val_miou" in s2 and s2["gt_val_miou"] > 0:
-        ratio = pd.DataFrame([{"result": "Stage 2 seeds / ground truth (ratio, %)",
-                               "mIoU (%)": 100 * s2["seeds_val_miou"] / s2["gt_val_miou"]}])
+    seeds, gt = lookup(results, "08_stage2", "seeds_val_miou"), lookup(results, "08_stage2", "gt_val_miou")
+    if seeds is not None and gt is not None and gt > 0:
+        ratio = pd.DataFrame([{"result": "Stage 2 seeds / ground truth (ratio, %)", "mIoU (%)": 100 * seeds / gt}])
         table = pd.concat([table, ratio], ignore_index=True)
     return table
 
@@ -112,10 +111,15 @@ ABLATIONS = [
 ]
 
 
+for _g, _k in [(g, k) for g, k, _ in HEADLINE] + [(g, k) for _, g, k in ABLATIONS] \
+        + [pair for _, *pairs in CLAIMS for pair in pairs]:
+    check_field(_g, _k)  # a misspelt name fails on import, not as a silent "not run"
+
+
 def ablation_table(out_dir: str | os.PathLike) -> pd.DataFrame:
     """Seed mIoU (%) per ablation setting, from the results the notebooks recorded; NaN = not run."""
     results = read_results(out_dir)
-    return pd.DataFrame([{"setting": name, "mIoU (%)": 100 * float(results.get(g, {}).get(k, float("nan")))}
+    return pd.DataFrame([{"setting": name, "mIoU (%)": 100 * float(lookup(results, g, k, float("nan")))}
                          for name, g, k in ABLATIONS])
 
 
@@ -123,7 +127,7 @@ def settings_table(out_dir: str | os.PathLike) -> pd.DataFrame:
     """The paper's orderings under the toy's settings and under the paper's (notebook 07's two columns):
     per ordering and column, its two numbers and whether it holds; empty when notebook 07 has not run."""
 
-    columns = read_results(out_dir).get("07_ablations", {}).get("settings", {})
+    columns = lookup(read_results(out_dir), "07_ablations", "settings", {})
     parts = []
     for name, column in columns.items():
         rows = pd.DataFrame(orderings(column)).set_index("ordering")
@@ -137,7 +141,7 @@ def ordering_check(out_dir: str | os.PathLike) -> pd.DataFrame:
     results = read_results(out_dir)
     rows = []
     for claim, (g1, k1), (g2, k2) in CLAIMS:
-        a, b = results.get(g1, {}).get(k1), results.get(g2, {}).get(k2)
+        a, b = lookup(results, g1, k1), lookup(results, g2, k2)
         verdict = "not run" if a is None or b is None else ("holds" if a > b else "does NOT hold")
         rows.append({"claim": claim, "larger": a, "smaller": b, "verdict": verdict})
     return pd.DataFrame(rows)

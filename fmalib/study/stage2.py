@@ -14,10 +14,8 @@ from ..core.errors import FmalibError
 from ..data import open_dataset
 from ..segment.evaluate import crf_available, evaluate_segmenter, load_segmenter
 from ..segment.train import read_metrics
-from .results import read_results
+from .results import result
 from .viz import image_grid, overlay
-
-SEEDS_RESULT = ("06_fine_seeds", "label_dir")  # what notebook 06 records: the fine-seed folder
 
 
 def pseudo_label_dir(params, out_dir: str | os.PathLike) -> Path:
@@ -28,12 +26,7 @@ def pseudo_label_dir(params, out_dir: str | os.PathLike) -> Path:
         path = params.resolve_path("stage2.labels")
         where = f"params stage2.labels={explicit!r}"
     else:
-        group, key = SEEDS_RESULT
-        recorded = read_results(out_dir).get(group, {}).get(key)
-        if not recorded:
-            raise FmalibError(f"no pseudo-labels to train stage 2 on: {Path(out_dir) / 'results' / (group + '.json')} "
-                              f"has no {key!r} (run notebook 06_fine_seeds first) and params stage2.labels is null")
-        path, where = Path(recorded), f"{group}.{key} in {out_dir}"
+        path, where = Path(result(out_dir, "06_fine_seeds", "label_dir")), f"06_fine_seeds.label_dir in {out_dir}"
     if not path.is_dir():
         raise FmalibError(f"pseudo-label folder {path} (from {where}) does not exist")
     return path

@@ -1,0 +1,98 @@
+"""What notebooks 04 (coarse seeds) and 06 (fine seeds) report about one SAMS seed set, as one helper: the
+seeds against the ground truth beside CLIP-ES's CAM-argmax rule on the same CAMs (its bg threshold tuned on
+ground truth, its own protocol, so the comparison favours it) and any other seed folders, per-class IoU,
+the ground-truth sweep of p (for reference only: the method never uses it), the GT-free criterion, and a
+few example rows."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..core.cache import StageCache
+from ..data import open_dataset
+from ..data.labels import read_label_png
+from ..method.metrics import iou_table, mean_iou
+from ..stages.cams import load_cams
+from ..stages.seeds import SeedSet, cam_argmax_seed_dir, evaluate_seeds, seed_power_sweep
+from . import viz
+from .figures import seed_panels
+
+
+def power_criterion_figure(seeds: SeedSet):
+    """The GT-free criterion over p that chose the seeds' p (None when p is fixed by params)."""
+    table = seeds.power_table
+    if table is None:
+        return None
+    return table.plot(x="bg_power", y=["fg_agreement", "bg_agreement", "balanced_agreement"], marker="o",
+                      logx=True, figsize=(5, 3), title="GT-free criterion").get_figure()
+
+
+@dataclass
+class SeedReport:
+    stage: str  # coarse | fine
+    seeds: SeedSet
+    cams: StageCache
+    dataset: object
+    caa: bool
+    folders: dict[str, Path]  # row name -> seed folder, the method's seeds first, the CAM argmax last
+    argmax_threshold: float
+    tables: dict[str, pd.DataFrame]  # row name -> per-class IoU
+    miou: dict[str, float]
+    sweep: pd.DataFrame  # p against ground truth
+
+    @property
+    def name(self) -> str:
+        return f"SAMS {self.stage} seeds"
+
+    def iou_summary(self) -> pd.DataFrame:
+        """One row per seed set: IoU per class and mIoU."""
+        per_class = pd.DataFrame({k: t.set_index("class")["iou"] for k, t in self.tables.items()}).T
+        return per_class.assign(mIoU=pd.Series(self.miou))
+
+    def sweep_table(self) -> pd.DataFrame:
+        return self.sweep.assign(chosen=self.sweep["bg_power"] == self.seeds.bg_power)
+
+    def per_class_figure(self):
+        long = pd.concat([t.assign(seeds=k) for k, t in self.tables.items()], ignore_index=True)
+        return viz.per_class_bars(long, value="iou", by="class", hue="seeds", title=f"{self.stage} seeds: IoU per class")
+
+    def examples_figure(self, n: int = 4):
+        """Image, GT, CAM heat map, then every seed set of the report, for the first ``n`` images."""
+        rows, titles = [], []
+        short = {k: k.split(" (")[0].replace(" seeds", "") for k in self.folders}
+        for j in range(min(n, len(self.dataset))):
+            item = self.dataset[j]
+            cams, labels = load_cams(self.cams, item["id"], self.caa)
+            seeds = {short[k]: read_label_png(d / f"{item['id']}.png") for k, d in reversed(self.folders.items())}
+            images, tt = seed_panels(item, cams, labels, seeds)
+            rows += images
+            titles += tt
+        return viz.image_grid(rows, titles, ncols=3 + len(self.folders))
+
+    def results(self) -> dict:
+        """The fields notebooks 04 / 06 record (fmalib.study.results.SCHEMA)."""
+        ours, argmax = self.miou[self.name], list(self.miou.values())[-1]
+        gt_best = self.sweep.loc[self.sweep["miou"].idxmax()]
+        return {"label_dir": str(self.seeds.dir), "bg_power": float(self.seeds.bg_power),
+                f"{self.stage}_seed_miou": ours, "cam_argmax_miou": argmax,
+                "cam_argmax_bg_threshold": float(self.argmax_threshold), "gain_points": 100 * (ours - argmax),
+                "gt_best_bg_power": float(gt_best["bg_power"]), "gt_best_miou": float(gt_best["miou"]),
+                "fallback_images": int(self.seeds.fallback_images)}
+
+
+def seed_report(params, seeds: SeedSet, cams: StageCache, split: str | None = None,
+                others: dict[str, Path] | None = None) -> SeedReport:
+    """Evaluate ``seeds`` (made from ``cams``) on ``split`` (default: train) against its ground truth, beside
+    ``others`` ({row name: seed folder}) and the CAM-argmax seeds of the same CAMs."""
+    split = split or params["data"]["train_split"]
+    dataset = open_dataset(params, split)
+    argmax_dir, t, _ = cam_argmax_seed_dir(params, split, cams)
+    folders = {f"SAMS {seeds.stage} seeds": Path(seeds.dir), **(others or {}),
+               f"CAM argmax (bg {t:.2f}, GT-tuned)": Path(argmax_dir)}
+    names = ["background", *dataset.class_names]
+    conf = {k: evaluate_seeds(dataset, d) for k, d in folders.items()}
+    return SeedReport(seeds.stage, seeds, cams, dataset, bool(params["cam"]["use_caa"]), folders, t,
+                      {k: iou_table(c, names) for k, c in conf.items()}, {k: mean_iou(c) for k, c in conf.items()},
+                      seed_power_sweep(params, split, cams))
