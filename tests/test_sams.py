@@ -328,3 +328,23 @@ def test_choose_bg_power_and_gt_sweep():
     assert sweep["miou"].tolist()[1] == pytest.approx(1.0) and sweep["miou"].tolist()[0] < 1.0
     with pytest.raises(FmalibError, match="confident"):
         choose_bg_power([sams_prepare(cam, masks, [2, 2, 2], [2])], [1.0])
+
+
+def test_region_recall_matches_a_plain_iou_loop():
+    from fmalib.method.masks import MaskSet
+    from fmalib.method.metrics import region_recall
+    from fmalib.method.rle import MaskRuns
+
+    rng = np.random.default_rng(3)
+    gt = np.zeros((20, 24), np.uint8)
+    gt[2:10, 3:12], gt[12:18, 14:22], gt[0, :] = 1, 2, 255
+    masks = np.zeros((4, 20, 24), bool)
+    masks[0, 2:10, 3:12] = True  # class 1 exactly
+    masks[1, 12:18, 14:18] = True  # half of class 2: IoU 0.5
+    masks[2] = rng.random((20, 24)) < 0.3
+    masks[3, 12:18, 10:22] = True  # class 2 plus as much again: IoU 0.5 too
+    ms = MaskSet.from_runs(MaskRuns.from_bool(masks), [2, 1, 0, 2], np.ones(4), np.ones(4))
+    for thr in (0.4, 0.5, 0.6, 0.99):
+        expect = sum(any((m & (gt == c)).sum() / (m | (gt == c)).sum() >= thr for m in masks) for c in (0, 1, 2))
+        assert region_recall(ms, gt, thr) == (expect, 3)
+    assert region_recall(ms.select([]), gt) == (0, 3)

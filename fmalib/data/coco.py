@@ -16,6 +16,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from ..core.errors import FmalibError
+from ..core.label_ids import IGNORE
 from .voc import read_image
 
 COCO_LAYOUT = """expected layout (COCO 2014):
@@ -95,7 +96,7 @@ class COCODataset:
             gt[self.coco.annToMask(a).astype(bool)] = self.cat_to_label[a["category_id"]]
         for a in anns:
             if a.get("iscrowd", 0):
-                gt[self.coco.annToMask(a).astype(bool) & (gt == 0)] = 255
+                gt[self.coco.annToMask(a).astype(bool) & (gt == 0)] = IGNORE
         return gt
 
     def __getitem__(self, i: int) -> dict:

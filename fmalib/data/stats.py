@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..core.label_ids import IGNORE
+
 
 def _gt(dataset, i: int) -> np.ndarray | None:
     return dataset.load_gt(i) if hasattr(dataset, "load_gt") else dataset[i]["gt"]
@@ -20,7 +22,7 @@ def label_statistics(dataset) -> pd.DataFrame:
     pixels = np.zeros(n_cls + 1, np.int64)
     for i in tqdm(range(len(dataset)), desc="label statistics"):
         gt = _gt(dataset, i)
-        counts = np.bincount(gt[gt != 255].ravel(), minlength=n_cls + 1)[: n_cls + 1]
+        counts = np.bincount(gt[gt != IGNORE].ravel(), minlength=n_cls + 1)[: n_cls + 1]
         pixels += counts
         images += counts > 0
     return pd.DataFrame({"images": images, "image_share": images / max(len(dataset), 1),

@@ -30,6 +30,7 @@ from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from ..core.errors import FmalibError
+from ..core.label_ids import IGNORE
 from .labels import label_to_png_bytes, read_label_png
 
 log = logging.getLogger(__name__)
@@ -474,7 +475,7 @@ def generate_sample(seed: int, index: int, size: int | tuple[int, int] = 128) ->
         instances.append(Instance(CLASS_NAMES.index(cls) + 1, m, [p for p in parts if p.any()]))
     lut = np.array([0] + [inst.class_id for inst in instances], np.uint8)
     semantic = lut[inst_map]
-    semantic[_boundary(inst_map)] = 255
+    semantic[_boundary(inst_map)] = IGNORE
     ids = [inst.class_id for inst in instances]
     return Sample(image=image, labels=tuple(sorted(set(ids))), semantic=semantic, instances=instances,
                   stuff=stuff_masks, caption=make_caption(ids, stuff))

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.errors import FmalibError
+from ..core.label_ids import BACKGROUND, IGNORE
 from .labels import read_label_png
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -109,7 +110,7 @@ class VOCDataset:
 
     def load_gt(self, i: int) -> np.ndarray:
         gt = read_label_png(self.gt_path(i))
-        top = int(gt[gt != 255].max(initial=0))
+        top = int(gt[gt != IGNORE].max(initial=0))
         if top > len(self.class_names):
             raise FmalibError(f"mask {self.gt_path(i)} holds class id {top} but only {len(self.class_names)} "
                               f"foreground classes were given ({self.class_names[:3]}...)")
@@ -120,7 +121,7 @@ class VOCDataset:
         if i not in self._labels:
             gt = self.load_gt(i) if gt is None else gt
             u = np.unique(gt)
-            self._labels[i] = u[(u != 0) & (u != 255)].astype(np.int64)
+            self._labels[i] = u[(u != BACKGROUND) & (u != IGNORE)].astype(np.int64)
         return self._labels[i]
 
     def __getitem__(self, i: int) -> dict:

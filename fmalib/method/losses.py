@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import FmalibError
+from ..core.label_ids import IGNORE
 
-IGNORE = 255
 CLS_LOSSES = ("absent_fg", "bg_negatives")
 
 

@@ -44,13 +44,9 @@ class MaskSet:
     def to_bool(self) -> np.ndarray:
         return self.runs().to_bool()
 
-    def areas(self) -> np.ndarray:
-        return self.runs().areas
-
     def select(self, index) -> "MaskSet":
         index = np.asarray(index)
-        if index.dtype == bool:
-            index = np.flatnonzero(index)
+        index = np.flatnonzero(index) if index.dtype == bool else index.astype(np.int64)  # [] is float
         return MaskSet(self.height, self.width, [self.counts[i] for i in index], self.levels[index],
                        self.scores[index], self.stability[index])
 

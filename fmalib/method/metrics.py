@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from pycocotools import mask as mask_utils
 
 from ..core.label_ids import IGNORE
 from .masks import MaskSet
@@ -91,15 +92,10 @@ def multi_hot(labels: Sequence[Sequence[int]], num_classes: int) -> np.ndarray:
 
 def region_recall(masks: MaskSet, gt: np.ndarray, iou: float = 0.5) -> tuple[int, int]:
     """(GT regions matched, GT regions): a region is one class's pixels of ``gt`` (background included,
-    255 ignored); matched when some mask overlaps it with IoU >= ``iou``."""
+    255 ignored); matched when some mask overlaps it with IoU >= ``iou`` (pycocotools' mask IoU)."""
     classes = [c for c in np.unique(gt) if c != IGNORE]
-    if not len(masks):
+    if not len(masks) or not classes:
         return 0, len(classes)
-    dense = masks.to_bool().reshape(len(masks), -1)
-    area = dense.sum(1)
-    hits = 0
-    for c in classes:
-        region = (gt == c).ravel()
-        inter = dense[:, region].sum(1)
-        hits += bool((inter / np.maximum(area + region.sum() - inter, 1) >= iou).any())
-    return hits, len(classes)
+    regions = mask_utils.encode(np.asfortranarray(np.stack([gt == c for c in classes], axis=-1).astype(np.uint8)))
+    ious = np.asarray(mask_utils.iou(masks.rles(), regions, [0] * len(regions))).reshape(len(masks), len(regions))
+    return int((ious >= iou).any(axis=0).sum()), len(classes)

@@ -26,7 +26,8 @@ def _cumsum_within(values: np.ndarray, offsets: np.ndarray, segment: np.ndarray)
 
 
 def decode_count_strings(strings: Sequence[bytes | str]) -> tuple[np.ndarray, np.ndarray]:
-    """pycocotools compressed RLE strings -> (counts int64 concatenated, offsets (N+1,)).
+    """pycocotools compressed RLE strings -> (counts int64 concatenated, offsets (N+1,)). Own code: pycocotools
+    decodes only to dense masks, and SAMS works on the runs.
 
     The format (pycocotools ``rleToString``): each count is written in 5-bit chunks, low chunk first, as
     chars 48 + chunk (| 0x20 when another chunk follows); the last chunk's 0x10 bit is the sign; from the

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ..core.cache import atomic_save_npz, atomic_write_bytes, load_npz, stable_hash, torch_bytes
 from ..core.device import seed_everything
 from ..core.errors import FmalibError
+from ..core.label_ids import IGNORE
 from ..core.params import Params, load_params, repo_root, validate
 from ..data.synthetic import (CLASS_NAMES, GENERATOR_VERSION, STUFF_NAMES, check_outside_splits, generate_sample,
                               make_caption, sample_ids, sample_size, split_sizes)
@@ -110,9 +111,9 @@ def patch_fractions(sample, patch: int) -> np.ndarray:
     concept = np.full((h, w), k, np.int64)  # k = ignore
     for name, m in sample.stuff:
         concept[m] = len(CLASS_NAMES) + STUFF_NAMES.index(name)
-    fg = (sample.semantic > 0) & (sample.semantic < 255)
+    fg = (sample.semantic > 0) & (sample.semantic != IGNORE)
     concept[fg] = sample.semantic[fg].astype(np.int64) - 1
-    concept[sample.semantic == 255] = k
+    concept[sample.semantic == IGNORE] = k
     onehot = np.eye(k + 1, dtype=np.float32)[concept][..., :k]
     counts = onehot.reshape(h // patch, patch, w // patch, patch, k).sum(axis=(1, 3))
     return (counts / np.maximum(counts.sum(-1, keepdims=True), 1)).astype(np.float16)

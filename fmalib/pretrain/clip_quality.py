@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.errors import FmalibError
+from ..core.label_ids import IGNORE
 from ..method.cam import gradcam
 from ..method.metrics import average_precision, multi_hot
 from ..method.prompts import HAND_TEMPLATE
@@ -76,7 +77,7 @@ def peak_in_object(cam: np.ndarray, gt: np.ndarray, class_id: int) -> bool:
     y, x = np.unravel_index(int(np.argmax(up)), up.shape)
     if gt[y, x] == class_id:
         return True
-    if gt[y, x] == 255:  # thin boundary band: count it when the object touches the peak pixel
+    if gt[y, x] == IGNORE:  # thin boundary band: count it when the object touches the peak pixel
         return bool((gt[max(0, y - 1):y + 2, max(0, x - 1):x + 2] == class_id).any())
     return False
 

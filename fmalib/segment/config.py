@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..core.errors import FmalibError
+from ..core.label_ids import IGNORE
 from .compat import ensure_detectron2
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def build_config(stage2: Mapping, num_classes: int, *, train_dataset: str | None
 
     head = cfg.MODEL.SEM_SEG_HEAD
     head.NUM_CLASSES = num_classes
-    head.IGNORE_VALUE = 255
+    head.IGNORE_VALUE = IGNORE
     head.COMMON_STRIDE = 4
     head.LOSS_WEIGHT = 1.0
     if stage2["model"] == "semantic_fpn":

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..core.cache import stable_hash
 from ..core.errors import FmalibError
+from ..core.label_ids import IGNORE
 from ..data import open_dataset
 from ..data.labels import VOC_PALETTE, read_label_png, write_label_png
 from ..data.voc import read_image
@@ -29,7 +30,6 @@ from .compat import ensure_detectron2
 
 log = logging.getLogger(__name__)
 
-IGNORE = 255
 
 
 def class_names_with_background(params) -> list[str]:

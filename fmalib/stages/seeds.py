@@ -213,14 +213,32 @@ def pipeline_seeds(params, stage: str, split: str | None = None, seeds_dir: str 
     return make_seeds(params, split, cams, stage)
 
 
+def cam_argmax_cache(params, split: str, cams: StageCache, caa: bool, thresholds: Sequence[float]) -> StageCache:
+    """CAM-argmax seeds of cached CAMs, keyed by the rule that picks the bg threshold (not by the threshold)."""
+    key = {"split": split, "cams": {"stage": cams.stage, "key": cams.key}, "caa": caa,
+           "bg_threshold": {"rule": "best seed mIoU against the split's ground truth",
+                            "grid": [float(t) for t in thresholds]}}
+    return StageCache(params.resolve_path("workdir"), "seeds_cam_argmax", key)
+
+
 def cam_argmax_seed_dir(params, split: str, cams: StageCache, thresholds: Sequence[float] | None = None):
     """The CLIP-ES baseline on the same CAMs: argmax(bg threshold, CAMs) seeds with the threshold tuned on
-    ground truth (the baseline's own protocol, so the comparison favours it). Returns (dir, t, {t: mIoU})."""
+    ground truth (the baseline's own protocol, so the comparison favours it). Returns (dir, t, {t: mIoU});
+    the choice is kept in the cache's meta.json, so a finished run is not swept again."""
     dataset = open_dataset(params, split)
     caa = bool(params["cam"].get("use_caa", True))
-    t, table = select_bg_threshold(cams, dataset, thresholds or params["cam"]["bg_thresholds"], caa)
-    out = params.resolve_path("workdir") / "seeds_cam_argmax" / f"{cams.stage}-{cams.key}-caa{int(caa)}-bg{t:.3f}"
-    return write_cam_argmax_seeds(cams, dataset, t, out, caa), t, table
+    thresholds = thresholds or params["cam"]["bg_thresholds"]
+    cache = cam_argmax_cache(params, split, cams, caa, thresholds)
+    meta = cache.dir / "meta.json"
+    if meta.is_file():
+        chosen = json.loads(meta.read_text())
+        t = float(chosen["bg_threshold"])
+        table = {float(k): float("nan") if v is None else v for k, v in chosen["table"].items()}
+    else:
+        t, table = select_bg_threshold(cams, dataset, thresholds, caa)
+        atomic_write_text(meta, json.dumps({"bg_threshold": t, "table": {str(k): None if np.isnan(v) else v
+                                                                        for k, v in table.items()}}, indent=1))
+    return write_cam_argmax_seeds(cams, dataset, t, cache.dir, caa), t, table
 
 
 def seg_training_seeds(params, source: str = "auto") -> tuple[Path, str]:
