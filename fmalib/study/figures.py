@@ -15,10 +15,10 @@ from ..method.masks import LEVELS, MaskSet
 from ..method.prompts import HAND_TEMPLATE
 from ..method.upsample import upsample_cams
 from ..models.clip import to_input
-from ..stages.cams import load_cams
-from ..stages.masks import load_masks
 from ..pretrain.clip_quality import hand_prompt_gradcam, text_features
 from ..pretrain.sam_quality import center_point, predict_points
+from ..stages.cams import load_cams
+from ..stages.masks import load_masks
 from .viz import heatmap, mask_mosaic, overlay
 
 
