@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.amg import MaskData
 
 from fmalib.core.errors import FmalibError
 from fmalib.core.params import load_params
 from fmalib.data import open_dataset
 from fmalib.method.generator import MultiLevelMaskGenerator, nms_score, passes_pred_iou, remove_small_regions
-from fmalib.method.masks import MaskSet, bool_to_runs
+from fmalib.method.masks import MaskSet, bool_to_runs, concat_runs
 from fmalib.method.overlap import overlap_filter
 from fmalib.method.rle import MaskRuns, decode_count_strings
 from fmalib.models.checkpoints import load_sam_from_params
@@ -130,21 +132,24 @@ def test_overlap_filter_equals_reference_loop(seed):
 def test_small_region_nms_uses_stock_scores():
     """After the clean-up, box NMS prefers unchanged masks (score 1) over changed ones (0), whatever their
     level: the whole bonus belongs to the per-crop NMS only."""
-    gen = MultiLevelMaskGenerator.__new__(MultiLevelMaskGenerator)
-    gen.cfg = {"min_mask_region_area": 4, "box_nms_thresh": 0.7, "crop_nms_thresh": 0.7, "whole_nms_bonus": 1.0}
     whole = _rect(16, 16, 2, 14, 2, 14)
     whole[7, 7] = False  # a 1-px hole: the cleaning changes the whole
     part = _rect(16, 16, 2, 14, 2, 13)  # the same box but one column: unchanged
     far = _rect(16, 16, 0, 2, 0, 2)  # elsewhere: kept either way
-    runs = MaskRuns.from_bool(np.stack([whole, part, far]))
-    meta = {"levels": torch.tensor([2, 1, 0]), "iou_preds": torch.tensor([0.9, 0.95, 0.9]),
-            "stability": torch.ones(3), "boxes": torch.zeros(3, 4), "crop_boxes": torch.zeros(3, 4)}
-    new_runs, new_meta = gen._remove_small_regions(runs, meta)
-    assert new_meta["levels"].tolist() == [1, 0]
-    np.testing.assert_array_equal(new_runs.to_bool(), np.stack([part, far]))
+
+    def mask_data(masks):
+        return MaskData(runs=[MaskRuns.from_bool(m[None]) for m in masks], levels=torch.tensor([2, 1, 0]),
+                        iou_preds=torch.tensor([0.9, 0.95, 0.9]), stability_score=torch.ones(3),
+                        boxes=torch.zeros(3, 4), crop_boxes=torch.zeros(3, 4))
+
+    # min area 4, NMS threshold max(box_nms_thresh, crop_nms_thresh) = 0.7
+    out = MultiLevelMaskGenerator.postprocess_small_regions(mask_data([whole, part, far]), 4, 0.7)
+    assert out["levels"].tolist() == [1, 0]
+    np.testing.assert_array_equal(concat_runs(out["runs"]).to_bool(), np.stack([part, far]))
     # both unchanged: a tie on score, NMS keeps one of the two (torchvision's order), never both
-    runs = MaskRuns.from_bool(np.stack([_rect(16, 16, 2, 14, 2, 14), part, far]))
-    assert len(gen._remove_small_regions(runs, meta)[1]["levels"]) == 2
+    out = MultiLevelMaskGenerator.postprocess_small_regions(mask_data([_rect(16, 16, 2, 14, 2, 14), part, far]),
+                                                            4, 0.7)
+    assert len(out["levels"]) == 2
 
 
 def test_whole_bonuses():
@@ -287,3 +292,24 @@ def test_generator_levels_bonuses_and_filter_with_a_scripted_decoder(one_thread)
     # one crop layer: crops are prompted too and their masks come back in image coordinates
     crops = _scripted_generator((3, 6, 9), (0.95, 0.95, 0.95), crop_n_layers=1).generate_unfiltered(image)
     assert len(crops) > 0 and crops.to_bool().shape == (len(crops), 96, 112)
+
+
+def test_generator_is_the_stock_generator_without_the_bonuses(one_thread):
+    """A SamAutomaticMaskGenerator subclass; with both whole bonuses at 0 (and no crops, no clean-up) its
+    masks are the stock generator's, with the same predicted IoU and stability (the stock keeps them in NMS
+    score order, ours in generation order)."""
+    gen = _scripted_generator((5, 14, 40), (0.95, 0.93, 0.97), box_nms_thresh=0.9, whole_iou_bonus=0.0,
+                              whole_nms_bonus=0.0, min_mask_region_area=0)
+    assert isinstance(gen, SamAutomaticMaskGenerator)
+    stock = SamAutomaticMaskGenerator(gen.predictor.model, points_per_side=4, points_per_batch=5,
+                                      pred_iou_thresh=0.86, stability_score_thresh=0.92, box_nms_thresh=0.9,
+                                      crop_n_layers=0)
+    image = np.full((96, 112, 3), 128, np.uint8)
+    ours, theirs = gen.generate_unfiltered(image), stock.generate(image)
+    assert len(ours) == len(theirs) > 3 and set(ours.levels.tolist()) == {0, 1, 2}
+
+    def key(mask, iou, stability):
+        return np.packbits(mask).tobytes(), round(float(iou), 6), round(float(stability), 6)
+
+    assert sorted(key(*t) for t in zip(ours.to_bool(), ours.scores, ours.stability)) == sorted(
+        key(r["segmentation"], r["predicted_iou"], r["stability_score"]) for r in theirs)

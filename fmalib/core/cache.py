@@ -100,6 +100,26 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FmalibError(f"cache file {path} is not a readable npz ({exc}); delete it to recompute") from exc
 
 
+def _finite(obj: Any) -> Any:
+    """NaN / ±inf -> None, NumPy scalars and arrays -> Python values, recursively (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that writes strict JSON: NaN and infinities become null (a missing number), never ``NaN``."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
 def stable_hash(obj: Any, length: int = 16) -> str:
     """Hash of a JSON-able object (dict keys sorted; paths and numpy scalars as strings)."""
     blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
@@ -116,6 +136,32 @@ def file_fingerprint(path: str | os.PathLike | None) -> dict | None:
     if st.st_size <= 256 * 2**20:
         return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def files_fingerprint(named: dict[str, Path], index_path: str | os.PathLike) -> str:
+    """SHA-256 over the contents of ``named`` files ({stable name: path}; a missing file counts as "missing").
+
+    Hashing every image of a split on every run would cost more than some stages, so each file's digest is
+    kept in ``index_path`` with its size and mtime and recomputed only when those change: a moved or copied
+    dataset with the same content gives the same fingerprint (the names, not the paths, enter the hash)."""
+    index_path = Path(index_path)
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    seen, h = {}, hashlib.sha256()
+    for name in sorted(named):
+        path = Path(named[name])
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            digest = "missing"
+        else:
+            old = index.get(name)
+            digest = old[2] if old and old[:2] == [st.st_size, st.st_mtime_ns] else \
+                hashlib.sha256(path.read_bytes()).hexdigest()
+            seen[name] = [st.st_size, st.st_mtime_ns, digest]
+        h.update(f"{name}\0{digest}\n".encode())
+    if any(index.get(k) != v for k, v in seen.items()):
+        atomic_write_text(index_path, json.dumps({**index, **seen}, sort_keys=True))
+    return h.hexdigest()[:32]
 
 
 def dir_fingerprint(path: str | os.PathLike, pattern: str = "*.png") -> str:
@@ -137,7 +183,7 @@ class StageCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "key.json"
         if not meta.exists():
-            atomic_write_text(meta, json.dumps({"stage": stage, "key": key_obj, "code": code_version},
+            atomic_write_text(meta, strict_json({"stage": stage, "key": key_obj, "code": code_version},
                                                sort_keys=True, indent=1, default=str))
         log.info("stage %s caches into %s", stage, self.dir)
 

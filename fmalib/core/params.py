@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import torch
 import yaml
 
 from .errors import FmalibError
@@ -65,6 +67,7 @@ SCHEMA: dict[str, Any] = {
         "caa_threshold": {"hand": float, "cls": float, "seg": float},
         "use_caa": bool,
         "bg_thresholds": [float],  # CAM-argmax seed sweep (picked on train)
+        "max_side": (int, None),  # CLIP input's long side capped at this (attention memory); null = no cap
     },
     "masks": {  # SAM automatic masks with levels (fmalib/masks.py; METHOD §5)
         "points_per_side": int,
@@ -131,6 +134,21 @@ SCHEMA: dict[str, Any] = {
 def repo_root() -> Path:
     """The checkout that holds params/ (fmalib is installed editable from it)."""
     return Path(__file__).resolve().parents[2]
+
+
+def repo_relative(path: str | os.PathLike) -> str:
+    """``path`` relative to the repo root when it lies inside it (what outputs record: no machine paths),
+    else as given."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(repo_root().resolve())) if p.is_absolute() else str(p)
+    except ValueError:
+        return str(p)
+
+
+def default_report_dir(params: "Params") -> Path:
+    """``reports/<params.name>``: where a params set's executed notebooks, figures and report go."""
+    return repo_root() / "reports" / params["name"]
 
 
 class Params(dict):

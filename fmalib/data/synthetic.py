@@ -623,7 +623,12 @@ def write_benchmark(root: str | os.PathLike, n_train: int, n_val: int, seed: int
             os.rename(tmp, root)
             shutil.rmtree(old)
         else:
-            os.rename(tmp, root)
+            try:
+                os.rename(tmp, root)
+            except OSError:  # a concurrent process (another shard of the same run) wrote it first
+                mpath = root / "manifest.json"
+                if not (mpath.is_file() and json.loads(mpath.read_text()) == manifest):
+                    raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

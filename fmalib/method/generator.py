@@ -1,19 +1,23 @@
 """Multi-level SAM automatic masks (METHOD §5): SAM's three outputs kept apart, thresholded, de-duplicated.
 
-Built on ``segment_anything``'s ``SamPredictor`` and its ``utils.amg`` helpers (point grids, crop boxes,
-stability score, boxes, crop-edge test, un-cropping):
+``MultiLevelMaskGenerator`` is a ``segment_anything.SamAutomaticMaskGenerator``. From the stock generator it
+keeps the point grids, the crop boxes, the ``SamPredictor`` (``self.predictor``), ``MaskData`` and
+``_generate_masks``' crop loop with its cross-crop NMS (score 1 / crop area). It overrides:
 
-* every point prompt gives SAM's three multimask outputs; the output index is the mask's **level**
-  (0 subpart, 1 part, 2 whole) and stays with it;
-* whole masks get ``whole_iou_bonus`` (+0.1) on the predicted IoU compared with ``pred_iou_thresh`` and
-  ``whole_nms_bonus`` (+1.0) on the score of the within-crop box NMS, so they win ties against their parts
-  there; the cross-crop NMS (1 / crop area) and the NMS after small-region clean-up (1 unchanged, 0
-  changed) use SAM's stock scores, as the original (which overrides only the per-crop NMS score);
-* masks are run-length encoded only after the per-crop NMS (the stock generator encodes every candidate);
-* small disconnected islands / holes (< ``min_mask_region_area`` px) are removed with scipy (no OpenCV);
-* then the overlap filter (``fmalib.method.overlap``).
+* ``_process_batch``: every point prompt gives SAM's three multimask outputs; the output index is the mask's
+  **level** (0 subpart, 1 part, 2 whole), a ``MaskData`` field. Whole masks get ``whole_iou_bonus`` (+0.1) on
+  the predicted IoU compared with ``pred_iou_thresh``, tested on the decoder's low-resolution logits, so only
+  survivors are upsampled (stock upsamples every mask first; same masks). Empty masks are dropped;
+* ``_process_crop``: whole masks get ``whole_nms_bonus`` (+1.0) on the score of the within-crop box NMS, so
+  they win ties against their parts there; masks are uncropped and run-length encoded (``MaskRuns``) only
+  after this NMS (stock encodes every candidate as RLE);
+* ``_generate_masks``: the stock one, then its cross-crop NMS survivors are put back into generation order;
+* ``postprocess_small_regions``: the stock clean-up and NMS (score 1 unchanged, 0 changed: stock scores, no
+  bonus), on runs, with a scipy ``remove_small_regions`` (stock needs OpenCV);
+* ``generate``: a ``MaskSet`` (``fmalib.method.masks``) after the overlap filter (``fmalib.method.overlap``);
+  ``generate_unfiltered`` is the same before the filter.
 
-The result of one image is a ``MaskSet`` (``fmalib.method.masks``).
+After every NMS the kept masks are sorted back into generation order (ties downstream depend on it).
 """
 from __future__ import annotations
 
@@ -22,11 +26,10 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from scipy import ndimage
-from segment_anything import SamPredictor
-from segment_anything.utils.amg import (batch_iterator, batched_mask_to_box, build_all_layer_point_grids,
-                                        calculate_stability_score, generate_crop_boxes, is_box_near_crop_edge,
-                                        uncrop_boxes_xyxy, uncrop_masks)
-from torchvision.ops.boxes import batched_nms, box_area
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.amg import (MaskData, batch_iterator, batched_mask_to_box, calculate_stability_score,
+                                        is_box_near_crop_edge, uncrop_boxes_xyxy, uncrop_masks)
+from torchvision.ops.boxes import batched_nms
 
 from ..core.errors import FmalibError
 from .masks import WHOLE, MaskSet, bool_to_runs, concat_runs
@@ -41,7 +44,7 @@ MASK_KEYS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stabilit
 
 def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
     """segment_anything's ``remove_small_regions`` (8-connected holes / islands below ``area_thresh`` px)
-    with scipy instead of OpenCV. Returns (mask, changed)."""
+    with scipy instead of OpenCV (not a dependency). Returns (mask, changed)."""
     if mode not in ("holes", "islands"):
         raise FmalibError(f"remove_small_regions: mode {mode!r}; expected 'holes' or 'islands'")
     holes = mode == "holes"
@@ -70,10 +73,23 @@ def nms_score(iou: torch.Tensor, levels: torch.Tensor, whole_bonus: float) -> to
 
 
 def _box_nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
-    return batched_nms(boxes.float(), scores.float(), torch.zeros(len(boxes), device=boxes.device), thresh)
+    """Indices kept by class-agnostic box NMS, in generation (index) order — not torchvision's score order."""
+    keep = batched_nms(boxes.float(), scores.float(), torch.zeros(len(boxes), device=boxes.device), thresh)
+    return torch.sort(keep).values
 
 
-class MultiLevelMaskGenerator:
+def _per_mask(runs: MaskRuns) -> list[MaskRuns]:
+    """N masks' runs -> N one-mask ``MaskRuns``: a list, which ``MaskData.filter`` / ``cat`` carry along."""
+    o = runs.offsets.tolist()
+    return [MaskRuns(runs.height, runs.width, runs.starts[a:b], runs.ends[a:b], np.array([0, b - a], np.int64))
+            for a, b in zip(o[:-1], o[1:])]
+
+
+def _joined(masks: list[MaskRuns], height: int, width: int) -> MaskRuns:
+    return concat_runs(masks) if masks else MaskRuns.empty(height, width)
+
+
+class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
     """SAM automatic masks with levels, from ``params.masks`` (see the module doc)."""
 
     def __init__(self, model, cfg: Mapping[str, Any]):
@@ -81,9 +97,15 @@ class MultiLevelMaskGenerator:
         if missing:
             raise FmalibError(f"params masks: missing key {missing[0]} (expected {', '.join(MASK_KEYS)})")
         self.cfg = {k: cfg[k] for k in MASK_KEYS}
-        self.predictor = SamPredictor(model)
-        self.point_grids = build_all_layer_point_grids(cfg["points_per_side"], cfg["crop_n_layers"],
-                                                       cfg["crop_n_points_downscale_factor"])
+        super().__init__(model, points_per_side=cfg["points_per_side"], points_per_batch=cfg["points_per_batch"],
+                         pred_iou_thresh=cfg["pred_iou_thresh"], stability_score_thresh=cfg["stability_score_thresh"],
+                         stability_score_offset=cfg["stability_score_offset"], box_nms_thresh=cfg["box_nms_thresh"],
+                         crop_n_layers=cfg["crop_n_layers"], crop_nms_thresh=cfg["crop_nms_thresh"],
+                         crop_overlap_ratio=cfg["crop_overlap_ratio"],
+                         crop_n_points_downscale_factor=cfg["crop_n_points_downscale_factor"],
+                         min_mask_region_area=0, output_mode="binary_mask")
+        self.min_mask_region_area = cfg["min_mask_region_area"]  # set here: stock __init__ imports cv2 if > 0
+        self._n_generated = 0  # masks numbered across the crops of an image, in generation order
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> MaskSet:
@@ -98,54 +120,54 @@ class MultiLevelMaskGenerator:
 
     @torch.no_grad()
     def generate_unfiltered(self, image: np.ndarray) -> MaskSet:
-        """Masks after thresholds, NMS and small-region removal, before the overlap filter."""
-        cfg = self.cfg
-        h, w = image.shape[:2]
-        crop_boxes, layer_idxs = generate_crop_boxes((h, w), cfg["crop_n_layers"], cfg["crop_overlap_ratio"])
-        parts = [self._crop(image, box, layer) for box, layer in zip(crop_boxes, layer_idxs)]
-        parts = [p for p in parts if p is not None]
-        if not parts:
-            return MaskSet.from_runs(MaskRuns.empty(h, w), [], [], [])
-        runs = concat_runs([p[0] for p in parts])
-        meta = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
-        if len(crop_boxes) > 1:  # duplicates across crops: prefer masks from smaller crops (stock rule)
-            keep = _box_nms(meta["boxes"], 1 / box_area(meta["crop_boxes"].float()), cfg["crop_nms_thresh"])
-            keep = torch.sort(keep).values
-            runs, meta = runs.select(keep.cpu().numpy()), {k: v[keep] for k, v in meta.items()}
-        if cfg["min_mask_region_area"] > 0 and runs.n:
-            runs, meta = self._remove_small_regions(runs, meta)
-        return MaskSet.from_runs(runs, meta["levels"].cpu().numpy(), meta["iou_preds"].cpu().numpy(),
-                                 meta["stability"].cpu().numpy())
+        """Masks after thresholds, NMS and small-region removal, before the overlap filter (stock ``generate``
+        up to its encoding, which builds dict records)."""
+        data = self._generate_masks(image)
+        if self.min_mask_region_area > 0:
+            data = self.postprocess_small_regions(data, self.min_mask_region_area,
+                                                  max(self.box_nms_thresh, self.crop_nms_thresh))
+        return MaskSet.from_runs(_joined(data["runs"], *image.shape[:2]), data["levels"], data["iou_preds"],
+                                 data["stability_score"])
 
-    def _crop(self, image, crop_box, layer):
-        cfg = self.cfg
+    def _generate_masks(self, image: np.ndarray) -> MaskData:
+        self._n_generated = 0
+        data = super()._generate_masks(image)
+        # the stock cross-crop NMS leaves its survivors in score order: back to generation order
+        data.filter(torch.as_tensor(np.argsort(data["order"])))
+        return data
+
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], crop_layer_idx: int,
+                      orig_size: tuple[int, ...]) -> MaskData:
+        """Stock, but the box NMS score has the whole bonus, its survivors stay in generation order, and only
+        they are uncropped and run-length encoded (field ``runs``)."""
         x0, y0, x1, y1 = crop_box
-        crop = image[y0:y1, x0:x1]
-        ch, cw = crop.shape[:2]
+        crop = image[y0:y1, x0:x1, :]
+        crop_size = crop.shape[:2]
         self.predictor.set_image(crop)
-        points = self.point_grids[layer] * np.array([[cw, ch]])
-        batches = [self._batch(pts, (ch, cw), crop_box, image.shape[:2])
-                   for (pts,) in batch_iterator(cfg["points_per_batch"], points)]
+        points = self.point_grids[crop_layer_idx] * np.array(crop_size)[None, ::-1]
+        data = MaskData()
+        for (batch,) in batch_iterator(self.points_per_batch, points):
+            data.cat(self._process_batch(batch, crop_size, crop_box, orig_size))
         self.predictor.reset_image()
-        masks = torch.cat([b[0] for b in batches])
-        meta = {k: torch.cat([b[1][k] for b in batches]) for k in batches[0][1]}
-        if len(masks) == 0:
-            return None
-        score = nms_score(meta["iou_preds"], meta["levels"], cfg["whole_nms_bonus"])
-        keep = _box_nms(meta["boxes"], score, cfg["box_nms_thresh"])
-        keep = torch.sort(keep).values  # generation order: deterministic ties downstream
-        masks, meta = masks[keep], {k: v[keep] for k, v in meta.items()}
-        meta["boxes"] = uncrop_boxes_xyxy(meta["boxes"], crop_box)
-        meta["crop_boxes"] = torch.tensor([crop_box] * len(masks), device=masks.device)
-        return bool_to_runs(uncrop_masks(masks, crop_box, *image.shape[:2])), meta
+        score = nms_score(data["iou_preds"], data["levels"], self.cfg["whole_nms_bonus"])
+        data.filter(_box_nms(data["boxes"], score, self.box_nms_thresh))
+        n = len(data["levels"])
+        data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["crop_boxes"] = torch.tensor([crop_box], device=data["boxes"].device).repeat(n, 1)
+        data["runs"] = _per_mask(bool_to_runs(uncrop_masks(data["masks"], crop_box, *orig_size)))
+        del data["masks"]
+        data["order"] = torch.arange(self._n_generated, self._n_generated + n)
+        self._n_generated += n
+        return data
 
-    def _batch(self, points: np.ndarray, crop_size, crop_box, orig_size):
-        """One batch of point prompts -> binary masks (at crop size) passing the thresholds, with their meta.
+    def _process_batch(self, points: np.ndarray, im_size: tuple[int, ...], crop_box: list[int],
+                       orig_size: tuple[int, ...]) -> MaskData:
+        """One batch of point prompts -> binary masks (at crop size) passing the thresholds, with their levels.
         The predicted-IoU test runs on the decoder's low-resolution output, so only its survivors are
-        upsampled (``SamPredictor.predict_torch`` upsamples every mask first; the result is the same)."""
-        cfg, pred = self.cfg, self.predictor
+        upsampled (stock ``SamPredictor.predict_torch`` upsamples every mask first; the result is the same)."""
+        pred = self.predictor
         model = pred.model
-        coords = torch.as_tensor(pred.transform.apply_coords(points, crop_size), device=pred.device)
+        coords = torch.as_tensor(pred.transform.apply_coords(points, im_size), device=pred.device)
         labels = torch.ones(len(coords), dtype=torch.int, device=pred.device)
         sparse, dense = model.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
         low_res, iou = model.mask_decoder(image_embeddings=pred.features,
@@ -155,41 +177,42 @@ class MultiLevelMaskGenerator:
         n_out = low_res.shape[1]
         low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)
         levels = torch.arange(n_out, device=iou.device).repeat(len(coords))
-        if cfg["pred_iou_thresh"] > 0:
-            keep = passes_pred_iou(iou, levels, cfg["pred_iou_thresh"], cfg["whole_iou_bonus"])
+        if self.pred_iou_thresh > 0:
+            keep = passes_pred_iou(iou, levels, self.pred_iou_thresh, self.cfg["whole_iou_bonus"])
             low_res, iou, levels = low_res[keep], iou[keep], levels[keep]
         logits = model.postprocess_masks(low_res[:, None], pred.input_size, pred.original_size)[:, 0]
-        stability = calculate_stability_score(logits, model.mask_threshold, cfg["stability_score_offset"])
-        if cfg["stability_score_thresh"] > 0:
-            keep = stability >= cfg["stability_score_thresh"]
+        stability = calculate_stability_score(logits, model.mask_threshold, self.stability_score_offset)
+        if self.stability_score_thresh > 0:
+            keep = stability >= self.stability_score_thresh
             logits, iou, levels, stability = logits[keep], iou[keep], levels[keep], stability[keep]
         masks = logits > model.mask_threshold
         boxes = batched_mask_to_box(masks)
         inside = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_size[1], orig_size[0]])
         inside &= masks.flatten(1).any(1)
-        meta = {"iou_preds": iou[inside], "stability": stability[inside], "levels": levels[inside],
-                "boxes": boxes[inside]}
-        return masks[inside], meta
+        return MaskData(masks=masks[inside], iou_preds=iou[inside], stability_score=stability[inside],
+                        levels=levels[inside], boxes=boxes[inside])
 
-    def _remove_small_regions(self, runs: MaskRuns, meta: dict):
-        """Clean each mask, then box NMS again with SAM's stock scores (``postprocess_small_regions``): 1 for
-        a mask the cleaning left unchanged, 0 for a changed one — no whole bonus here (METHOD §5)."""
-        area = self.cfg["min_mask_region_area"]
-        dense = runs.to_bool()
-        unchanged = np.ones(runs.n, bool)
-        for i in range(runs.n):  # scipy labelling, mask by mask
-            m, changed_h = remove_small_regions(dense[i], area, "holes")
-            m, changed_i = remove_small_regions(m, area, "islands")
+    @staticmethod
+    def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
+        """Stock: clean each mask (holes, then islands, < ``min_area`` px), then box NMS again with SAM's stock
+        scores, 1 for a mask the cleaning left unchanged, 0 for a changed one — no whole bonus here
+        (METHOD §5). Ours works on the ``runs`` field, cleans with scipy (stock: OpenCV), keeps the survivors
+        in generation order and drops any mask left empty. Edits ``mask_data`` in place."""
+        if len(mask_data["runs"]) == 0:
+            return mask_data
+        dense = concat_runs(mask_data["runs"]).to_bool()
+        unchanged = np.ones(len(dense), bool)
+        for i in range(len(dense)):  # scipy labelling, mask by mask
+            m, changed_h = remove_small_regions(dense[i], min_area, "holes")
+            m, changed_i = remove_small_regions(m, min_area, "islands")
             dense[i] = m
             unchanged[i] = not (changed_h or changed_i)
         masks = torch.from_numpy(dense)
         nonempty = masks.flatten(1).any(1).numpy()
         boxes = batched_mask_to_box(masks)
-        score = torch.from_numpy(unchanged).float()
-        keep = _box_nms(boxes, score, max(self.cfg["box_nms_thresh"], self.cfg["crop_nms_thresh"]))
-        keep = np.sort(keep.numpy())
+        keep = _box_nms(boxes, torch.from_numpy(unchanged).float(), nms_thresh).numpy()
         keep = keep[nonempty[keep]]
-        new_runs = MaskRuns.from_bool(dense[keep])
-        meta = {k: v[torch.as_tensor(keep, device=v.device)] for k, v in meta.items()}
-        return new_runs, meta
-
+        mask_data.filter(torch.as_tensor(keep))
+        mask_data["runs"] = _per_mask(MaskRuns.from_bool(dense[keep]))
+        mask_data["boxes"] = boxes[keep].numpy()
+        return mask_data

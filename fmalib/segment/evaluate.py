@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.cache import atomic_save_npz, atomic_write_text, load_npz, stable_hash
+from ..core.cache import (atomic_save_npz, atomic_write_text, dir_fingerprint, file_fingerprint, load_npz, stable_hash,
+                          strict_json)
 from ..core.errors import FmalibError
 from ..data import open_dataset
+from ..data.fingerprint import split_key
 from ..data.labels import read_label_png, write_label_png
 from ..method.metrics import ConfusionMeter, iou_table, mean_iou
 from .compat import ensure_detectron2
@@ -198,9 +200,9 @@ def evaluate_segmenter(params, model_dir: str | os.PathLike, split: str | None =
     model_dir = Path(model_dir)
     segmenter = load_segmenter(params, model_dir, device, scales=scales, flip=flip, crf=crf)
     weights = model_dir / "model_final.pth"
-    key = {"split": split, "labels": str(Path(label_dir).resolve()) if label_dir else "gt",
+    key = {"split": split, "labels": dir_fingerprint(label_dir) if label_dir else "gt",
            "scales": segmenter.scales, "flip": segmenter.flip, "crf": segmenter.crf,
-           "weights": [weights.stat().st_size, weights.stat().st_mtime_ns], "data": params["data"]}
+           "weights": file_fingerprint(weights), "data": split_key(params, split)}
     cache = model_dir / "eval" / f"{split}-{stable_hash(key, 12)}"
     names = class_names_with_background(params)
     if not force and save_predictions is None and (cache.with_suffix(".json")).is_file():
@@ -225,7 +227,7 @@ def evaluate_segmenter(params, model_dir: str | os.PathLike, split: str | None =
                "d2": {k: float(v) for k, v in res["sem_seg"].items()}, "crf_applied": segmenter.crf_applied,
                "scales": list(segmenter.scales), "flip": segmenter.flip}
     atomic_save_npz(cache.with_suffix(".npz"), confusion=conf)
-    atomic_write_text(cache.with_suffix(".json"), json.dumps(summary, indent=1))
+    atomic_write_text(cache.with_suffix(".json"), strict_json(summary, indent=1))
     log.info("stage 2: %s mIoU %.4f (Detectron2: %.4f) -> %s", split, summary["miou"], summary["d2_miou"], cache)
     return _result(summary, conf, names)
 

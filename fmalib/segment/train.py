@@ -18,9 +18,10 @@ import time
 import weakref
 from pathlib import Path
 
-from ..core.cache import atomic_write_text, stable_hash
+from ..core.cache import atomic_write_text, dir_fingerprint, stable_hash, strict_json
 from ..core.errors import FmalibError
 from ..core.params import Params, load_params
+from ..data.fingerprint import split_key
 from .compat import ensure_detectron2
 from .config import build_config
 from .datasets import SemSegMapper, class_names_with_background, register_gt, register_pseudo
@@ -83,7 +84,8 @@ def _trainer_class():
 
 
 def _labels_key(label_dir) -> str:
-    return "ground truth" if label_dir is None else str(Path(label_dir).resolve())
+    """The label set by content (a moved or copied folder keeps its runs; an edited label starts a new one)."""
+    return "ground truth" if label_dir is None else dir_fingerprint(label_dir)
 
 
 def quiet_detectron2_logs() -> None:
@@ -94,7 +96,7 @@ def quiet_detectron2_logs() -> None:
 def run_dir(params, tag: str, label_dir: str | os.PathLike | None) -> Path:
     """``workdir/stage2/<tag>-<hash>``: one directory per (stage2 params, label set, data, seed)."""
     key = {"stage2": _training_key(params["stage2"]), "labels": _labels_key(label_dir),
-           "data": params["data"], "seed": params["seed"]}
+           "data": split_key(params, params["data"]["train_split"]), "seed": params["seed"]}
     return params.resolve_path("workdir") / "stage2" / f"{tag}-{stable_hash(key, 10)}"
 
 
@@ -141,7 +143,8 @@ def train_segmenter(params, label_dir: str | os.PathLike | None, out_dir: str | 
 
 def _config_hash(params, label_dir, world_size) -> str:
     return stable_hash({"train": _training_key(params["stage2"]), "labels": _labels_key(label_dir),
-                        "seed": params["seed"], "world": world_size, "data": params["data"]})
+                        "seed": params["seed"], "world": world_size,
+                        "data": split_key(params, params["data"]["train_split"])})
 
 
 def _train_worker(params_dict: dict, label_dir: str | None, out_dir: str, resume: bool, world_size: int) -> None:
@@ -163,7 +166,10 @@ def _train_worker(params_dict: dict, label_dir: str | None, out_dir: str, resume
     seed_all_rng(cfg.SEED)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     if comm.is_main_process():
-        atomic_write_text(Path(out_dir) / "config.yaml", cfg.dump())
+        saved = cfg.clone()
+        saved.defrost()
+        saved.OUTPUT_DIR = "."  # the run directory itself: the saved config names no machine path
+        atomic_write_text(Path(out_dir) / "config.yaml", saved.dump())
     trainer = _trainer_class()(cfg)
     trainer.resume_or_load(resume=resume)
     start = trainer.start_iter
@@ -181,7 +187,7 @@ def _train_worker(params_dict: dict, label_dir: str | None, out_dir: str, resume
                    "final_loss": _last_loss(Path(out_dir)),
                    "labels": _labels_key(label_dir), "dataset": train_name,
                    "config_hash": _config_hash(params, label_dir, world_size)}
-        atomic_write_text(Path(out_dir) / DONE, json.dumps(summary, indent=1))
+        atomic_write_text(Path(out_dir) / DONE, strict_json(summary, indent=1))
         log.info("stage 2: trained %s (%d iterations, %.2f s/iter) -> %s", stage2["model"], ran,
                  summary["s_per_iter"] or 0.0, out_dir)
 

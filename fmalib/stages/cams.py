@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 
 from ..core.cache import StageCache, file_fingerprint
 from ..data import open_dataset
+from ..data.fingerprint import split_key
 from ..data.labels import write_label_png
 from ..method.image_cams import image_cams
 from ..method.prompts import build_prompts
 from ..method.seed_rules import bg_threshold_sweep, cam_argmax_seeds
 from ..models.checkpoints import clip_fingerprint, load_clip_from_params
 from .prompts import load_context, trained_context_path
-from .shards import shard_indices
+from .shards import launcher_device, resolve_shard, shard_indices
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +33,21 @@ def cam_cache(params, split: str, kind: str, ctx_path: str | Path | None = None)
            "caa_threshold": cam["caa_threshold"][kind], "target_layer": cam["target_layer"],
            "caa_source": cam["caa_source"][kind]}
     key = {"split": split, "kind": kind, "cam": cfg, "classes": params["classes"], "clip": clip_fingerprint(params),
-           "data": params["data"], "template": params["prompts"]["hand_template"] if kind == "hand" else None,
+           "data": split_key(params, split), "template": params["prompts"]["hand_template"] if kind == "hand" else None,
            "ctx": file_fingerprint(ctx_path) if ctx_path else None}
     return StageCache(params.resolve_path("workdir"), f"cam_{kind}", key)
 
 
-def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, int] = (0, 1),
+def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, int] | None = None,
                   ctx_path: str | Path | None = None, seeds_dir: str | Path | None = None, model=None,
                   progress: bool = True) -> StageCache:
     """CAMs of every image of ``split`` (or shard i of n: ids[i::n]) into the stage cache; resumable.
 
     ``prompts``: "hand" (CLIP-ES baseline) or "cls" / "seg" — trained contexts from ``ctx_path``, by default
     the finished run of ``fmalib.stages.prompts.train_prompts`` with these params (and ``seeds_dir`` for seg).
+    ``shard`` None: the launcher's (torchrun, SLURM array; ``stages.shards.resolve_shard``), else every image.
     """
+    shard = resolve_shard(shard)
     if prompts != "hand" and ctx_path is None:
         ctx_path = trained_context_path(params, prompts, seeds_dir)
     cache = cam_cache(params, split, prompts, ctx_path)
@@ -53,7 +56,7 @@ def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, in
     if not todo:
         log.info("CAMs %s/%s shard %d/%d already cached in %s", prompts, split, *shard, cache.dir)
         return cache
-    model = model if model is not None else load_clip_from_params(params)
+    model = model if model is not None else load_clip_from_params(params, launcher_device(params["device"]))
     pset = build_prompts(prompts, model, params)
     if prompts != "hand":
         load_context(pset, ctx_path)
@@ -119,7 +122,8 @@ def argmax_seed_miou(params, kind: str, seeds_dir: str | Path | None = None, mod
     data = params["data"]
     splits = (data["train_split"], data["val_split"])
     ds = {s: open_dataset(params, s) for s in splits}
-    caches = {s: run_cam_stage(params, s, kind, ctx_path=ctx_path, seeds_dir=seeds_dir, model=model) for s in splits}
+    caches = {s: run_cam_stage(params, s, kind, (0, 1), ctx_path=ctx_path, seeds_dir=seeds_dir, model=model)
+              for s in splits}  # every image, in this process: the sweep reads them all
     n_cls = len(ds[splits[0]].class_names) + 1
     ts = params["cam"]["bg_thresholds"]
     out = {}

@@ -1,6 +1,7 @@
 """The mask stage: every image of a split → its multi-level SAM masks (``MultiLevelMaskGenerator``), one npz per
 image in a ``StageCache`` keyed by the SAM, ``params.masks`` and the dataset; resumable and shardable
-(``python -m fmalib masks --shard i/n``: shards write into the same cache directory)."""
+(``python -m fmalib masks --shard i/n``, or the shard of torchrun / a SLURM array: ``stages.shards``; shards
+write different files into the same cache directory)."""
 from __future__ import annotations
 
 import logging
@@ -12,20 +13,19 @@ from tqdm.auto import tqdm
 from ..core.cache import StageCache
 from ..core.errors import FmalibError
 from ..data import open_dataset
+from ..data.fingerprint import split_key
 from ..method.generator import MASK_KEYS, MultiLevelMaskGenerator
 from ..method.masks import LEVELS, MaskSet
 from ..models.checkpoints import load_sam_from_params, sam_fingerprint
-from .shards import shard_indices
+from .shards import launcher_device, resolve_shard, shard_indices
 
 log = logging.getLogger(__name__)
 
 
 def mask_cache(params, split: str) -> StageCache:
     """The mask cache of ``split``: keyed by the SAM, params.masks and the dataset (not by the shard)."""
-    data = params["data"]
     key = {"sam": sam_fingerprint(params), "masks": {k: params["masks"][k] for k in MASK_KEYS},
-           "data": {"kind": data["kind"], "root": str(params.resolve_path("data.root")), "split": split,
-                    "synthetic": dict(data["synthetic"]) if data["kind"] == "synthetic" else None}}
+           "data": split_key(params, split, labels=False)}  # masks depend on the images only
     return StageCache(params.resolve_path("workdir"), "masks", key)
 
 
@@ -41,13 +41,15 @@ def save_masks(cache: StageCache, image_id: str, masks: MaskSet) -> Path:
     return cache.save_npz(image_id, **masks.to_arrays())
 
 
-def run_mask_stage(params, split: str | None = None, shard: tuple[int, int] = (0, 1), *, force: bool = False,
+def run_mask_stage(params, split: str | None = None, shard: tuple[int, int] | None = None, *, force: bool = False,
                    model=None, limit: int | None = None) -> StageCache:
     """Compute and cache the masks of the images of ``split`` in ``shard`` that are not cached yet.
 
     Resumable: finished images are files in the cache and are skipped; shards write into the same cache
-    directory, so running shards 0/n .. n-1/n (anywhere, in any order) fills it. ``limit`` caps the images
-    of this shard (smoke runs). Returns the cache."""
+    directory, so running shards 0/n .. n-1/n (anywhere, in any order) fills it. ``shard`` None: the
+    launcher's (torchrun, SLURM array; ``stages.shards.resolve_shard``), else the whole split. ``limit`` caps
+    the images of this shard (smoke runs). Returns the cache."""
+    shard = resolve_shard(shard)
     split = split or params["data"]["train_split"]
     dataset = open_dataset(params, split)
     cache = mask_cache(params, split)
@@ -57,8 +59,9 @@ def run_mask_stage(params, split: str | None = None, shard: tuple[int, int] = (0
              split, shard[0], shard[1], len(mine), len(mine) - len(todo), len(todo), cache.dir)
     if not todo:
         return cache
-    generator = MultiLevelMaskGenerator(model if model is not None else load_sam_from_params(params),
-                                        params["masks"])
+    if model is None:
+        model = load_sam_from_params(params, launcher_device(params["device"]))
+    generator = MultiLevelMaskGenerator(model, params["masks"])
     per_level = np.zeros(3, np.int64)
     for j in tqdm(todo, desc=f"SAM masks {split} {shard[0]}/{shard[1]}"):
         item = dataset[j]

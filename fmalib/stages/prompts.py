@@ -30,6 +30,7 @@ from ..core.cache import StageCache, atomic_torch_save, atomic_write_text, dir_f
 from ..core.device import get_device
 from ..core.errors import FmalibError
 from ..data import open_dataset
+from ..data.fingerprint import split_key
 from ..method.metrics import average_precision, multi_hot
 from ..method.objectives import cls_batch_loss, seg_batch_loss
 from ..method.prompts import PromptSet, build_prompts, fg_similarity
@@ -59,8 +60,8 @@ def train_cache(params, stage: str, seeds_dir: str | Path | None = None) -> Stag
             raise FmalibError(f"seeds_dir {seeds_dir} does not exist (expected <image id>.png seed label maps)")
         seeds = dir_fingerprint(seeds_dir)
     key = {"stage": stage, "prompts": common, "stage_cfg": pr[stage], "classes": params["classes"],
-           "clip": clip_fingerprint(params), "data": params["data"], "seed": int(params["seed"]), "seeds": seeds,
-           "device": get_device(params["device"]).type}
+           "clip": clip_fingerprint(params), "data": split_key(params, params["data"]["train_split"]),
+           "seed": int(params["seed"]), "seeds": seeds, "device": get_device(params["device"]).type}
     if stage == "seg":  # the seg loss differentiates Grad-CAMs of this target
         key["cam_target"] = params["cam"]["target"]
         key["cam_target_layer"] = params["cam"]["target_layer"]

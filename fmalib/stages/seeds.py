@@ -7,7 +7,8 @@ stage 2). ``cam_source`` is a CAM ``StageCache`` of ``fmalib.stages.cams`` (its 
 method, on any grid (see ``fmalib.method.sams``). The background power is ``params.sams.bg_power_<stage>``: a
 number, or ``auto`` = ``fmalib.method.sams.choose_bg_power`` on the first ``params.sams.power_images`` images of
 the split (no ground truth). Output: ``workdir/seeds_<stage>/<key>/<image id>.png`` + ``meta.json``
-(p, its criterion table, fallback count), keyed by masks, CAMs, sams params and p; resumable, shardable.
+(p and its criterion table; the same for every shard) + ``fallback-<i>of<n>.json`` (each shard's mask-less
+images), keyed by masks, CAMs, sams params and p; resumable, shardable (``stages.shards``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..core.cache import StageCache, atomic_write_text
+from ..core.cache import StageCache, atomic_write_text, strict_json
 from ..core.errors import FmalibError
 from ..data import open_dataset
 from ..data.labels import read_label_png, write_label_png
@@ -31,7 +32,7 @@ from ..method.metrics import ConfusionMeter
 from ..method.sams import SamsImage, bg_power_sweep, choose_bg_power, sams_assign, sams_prepare
 from .cams import load_cams, run_cam_stage, select_bg_threshold, write_cam_argmax_seeds
 from .masks import load_masks, mask_cache, run_mask_stage
-from .shards import shard_indices
+from .shards import fill_command, require_cached, resolve_shard, shard_indices
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,12 @@ class SeedSet:
 
     @property
     def fallback_images(self) -> int:
-        """Images without a SAM mask (painted by the per-pixel CAM rule), over every run of this cache."""
-        meta = self.dir / "meta.json"
-        return int(json.loads(meta.read_text())["fallback_images"]) if meta.is_file() else self.stats["fallback"]
+        """Images without a SAM mask (painted by the per-pixel CAM rule), over every run and shard of this
+        cache (the union of the shards' ``fallback-<i>of<n>.json`` id lists)."""
+        files = sorted(self.dir.glob("fallback-*.json"))
+        if not files:
+            return self.stats["fallback"]
+        return len(set().union(*(json.loads(f.read_text()) for f in files)))
 
 
 def seed_cache(params, split: str, stage: str, masks_cache: StageCache, cam_ident, rule: float | str) -> StageCache:
@@ -121,36 +125,48 @@ def seed_cache(params, split: str, stage: str, masks_cache: StageCache, cam_iden
     return StageCache(params.resolve_path("workdir"), f"seeds_{stage}", key)
 
 
-def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tuple[int, int] = (0, 1),
+def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tuple[int, int] | None = None,
                bg_power: float | str | None = None, force: bool = False) -> SeedSet:
     """SAMS seeds of every image of ``split`` (or of one shard) as palette PNGs; resumable.
 
-    Needs the split's masks cached (``fmalib.stages.masks.run_mask_stage``) and CAMs for every image."""
+    Needs the split's masks cached (``fmalib.stages.masks.run_mask_stage``) and, for a CAM ``StageCache``
+    source, its CAMs of every image: an incomplete cache is refused, naming the missing ids. ``shard`` None: the
+    launcher's (torchrun, SLURM array; ``stages.shards.resolve_shard``), else every image. Concurrent shards
+    share ``meta.json`` (its content does not depend on the shard) and count fallbacks per shard."""
     if stage not in STAGES:
         raise FmalibError(f"make_seeds: stage {stage!r}; expected one of {STAGES}")
+    shard = resolve_shard(shard)
     dataset = open_dataset(params, split)
     masks_cache = mask_cache(params, split)
-    missing = [i for i in dataset.ids if not masks_cache.has(i)]
-    if missing:
-        raise FmalibError(f"SAM masks of {len(missing)} / {len(dataset)} {split} images are not cached in "
-                          f"{masks_cache.dir} (first: {missing[0]!r}); run fmalib.stages.masks.run_mask_stage first")
+    require_cached(masks_cache, dataset.ids, f"SAM masks ({split} split)",
+                   f"`{fill_command(params, 'masks', split)}`")
+    if isinstance(cam_source, StageCache):
+        kind = cam_source.stage.removeprefix("cam_")
+        require_cached(cam_source, dataset.ids, f"{kind} CAMs ({split} split)",
+                       f"fmalib.stages.cams.run_cam_stage(params, {split!r}, {kind!r}) (`"
+                       f"{fill_command(params, 'seeds')}` runs it in one process)")
     load_cam, cam_ident = cam_loader(cam_source, bool(params["cam"].get("use_caa", True)))
     rule = bg_power_rule(params, stage, bg_power)
     cache = seed_cache(params, split, stage, masks_cache, cam_ident, rule)
     meta_path = cache.dir / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"fallback_images": 0}
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if "bg_power" in meta and not force:  # chosen by an earlier (finished or interrupted) run of this cache
         p = float(meta["bg_power"])
         table = pd.DataFrame(meta["power_table"]) if meta.get("power_table") else None
         log.info("SAMS %s: bg power %.3g from %s", stage, p, meta_path)
-    else:
+    else:  # every shard chooses the same p from the same (complete) caches: meta.json is the same for all
         p, table = resolve_bg_power(params, stage, dataset, masks_cache, load_cam, rule)
-        meta = {"fallback_images": 0}
-    meta.update({"stage": stage, "split": split, "bg_power": p,
-                 "bg_power_rule": "fixed" if table is None else "auto: fmalib.method.sams.choose_bg_power",
-                 "power_table": None if table is None else table.to_dict("list")})
-    atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True))
+    meta = {"stage": stage, "split": split, "bg_power": p,
+            "bg_power_rule": "fixed" if table is None else "auto: fmalib.method.sams.choose_bg_power",
+            "power_table": None if table is None else table.to_dict("list")}
+    text = strict_json(meta, indent=1, sort_keys=True)
+    if force or not meta_path.is_file() or meta_path.read_text() != text:
+        atomic_write_text(meta_path, text)
     result = SeedSet(cache.dir, stage, p, table)
+    fallback_path = cache.dir / f"fallback-{shard[0]}of{shard[1]}.json"  # this shard's mask-less images
+    fallback = set() if force or not fallback_path.is_file() else set(json.loads(fallback_path.read_text()))
+    if force and fallback_path.is_file():
+        atomic_write_text(fallback_path, "[]")
     todo = [j for j in shard_indices(len(dataset), shard) if force or not cache.has(dataset.ids[j], ".png")]
     log.info("SAMS %s seeds of %s shard %d/%d (p=%.3g): %d to write -> %s", stage, split, shard[0], shard[1], p,
              len(todo), cache.dir)
@@ -158,10 +174,12 @@ def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tu
     for j in tqdm(todo, desc=f"SAMS {stage} seeds"):
         image_id = dataset.ids[j]
         cams, labels = load_cam(image_id)
-        label, _ = sams_assign(prepare(load_masks(masks_cache, image_id), cams, labels, levels), p, result.stats)
+        image = prepare(load_masks(masks_cache, image_id), cams, labels, levels)
+        label, _ = sams_assign(image, p, result.stats)
+        if image.fallback:  # recorded before its PNG lands: a killed run cannot lose it
+            fallback.add(image_id)
+            atomic_write_text(fallback_path, json.dumps(sorted(fallback)))
         write_label_png(cache.path(image_id, ".png"), label)
-    meta["fallback_images"] += result.stats["fallback"]
-    atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True))
     if result.stats["fallback"]:
         log.warning("SAMS %s: %d images had no SAM mask and fell back to the CAM argmax", stage,
                     result.stats["fallback"])
@@ -200,17 +218,19 @@ def pipeline_seeds(params, stage: str, split: str | None = None, seeds_dir: str 
     """The method's seeds (METHOD §5): ``coarse`` = SAMS on the cls-prompt CAMs; ``fine`` = SAMS on the
     seg-prompt CAMs, the seg prompts trained on ``seeds_dir`` (default: the coarse seeds). Runs (or reuses
     from the caches) the mask stage, the CAM stage and the seeds; the prompts must be trained already
-    (notebooks 03 and 05, ``fmalib.stages.prompts.train_prompts``)."""
+    (notebooks 03 and 05, ``fmalib.stages.prompts.train_prompts``). One process, every image (shard (0, 1)
+    whatever the launcher: each stage needs the previous one complete)."""
     split = split or params["data"]["train_split"]
-    run_mask_stage(params, split)
+    whole = (0, 1)
+    run_mask_stage(params, split, whole)
     if stage == "coarse":
-        cams = run_cam_stage(params, split, "cls")
+        cams = run_cam_stage(params, split, "cls", whole)
     elif stage == "fine":
         seeds_dir = seeds_dir or pipeline_seeds(params, "coarse", split).dir
-        cams = run_cam_stage(params, split, "seg", seeds_dir=seeds_dir)
+        cams = run_cam_stage(params, split, "seg", whole, seeds_dir=seeds_dir)
     else:
         raise FmalibError(f"pipeline_seeds: stage {stage!r}; expected one of {STAGES}")
-    return make_seeds(params, split, cams, stage)
+    return make_seeds(params, split, cams, stage, shard=whole)
 
 
 def cam_argmax_cache(params, split: str, cams: StageCache, caa: bool, thresholds: Sequence[float]) -> StageCache:
@@ -236,8 +256,8 @@ def cam_argmax_seed_dir(params, split: str, cams: StageCache, thresholds: Sequen
         table = {float(k): float("nan") if v is None else v for k, v in chosen["table"].items()}
     else:
         t, table = select_bg_threshold(cams, dataset, thresholds, caa)
-        atomic_write_text(meta, json.dumps({"bg_threshold": t, "table": {str(k): None if np.isnan(v) else v
-                                                                        for k, v in table.items()}}, indent=1))
+        atomic_write_text(meta, strict_json({"bg_threshold": t, "table": {str(k): v for k, v in table.items()}},
+                                            indent=1))
     return write_cam_argmax_seeds(cams, dataset, t, cache.dir, caa), t, table
 
 
@@ -255,6 +275,6 @@ def seg_training_seeds(params, source: str = "auto") -> tuple[Path, str]:
         seeds = pipeline_seeds(params, "coarse")
         return Path(seeds.dir), f"SAMS coarse seeds (bg power p = {seeds.bg_power:.3g})"
     split = params["data"]["train_split"]
-    cams = run_cam_stage(params, split, "cls")
+    cams = run_cam_stage(params, split, "cls", (0, 1))  # every image: the seeds below read them all
     out, t, _ = cam_argmax_seed_dir(params, split, cams)
     return Path(out), f"CAM-argmax seeds of the cls CAMs (bg threshold {t:.2f}, picked on train GT)"

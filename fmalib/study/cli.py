@@ -15,7 +15,7 @@ import yaml
 
 from ..core.cache import atomic_write_text
 from ..core.errors import FmalibError
-from ..core.params import repo_root
+from ..core.params import default_report_dir, load_params, repo_root
 from ..data import open_dataset
 from ..pretrain.clip import pretrain_clip
 from ..pretrain.sam import pretrain_sam
@@ -24,7 +24,7 @@ from ..segment.train import run_dir, train_segmenter
 from ..stages.masks import run_mask_stage
 from ..stages.prompts import train_prompts
 from ..stages.seeds import pipeline_seeds
-from ..stages.shards import check_shard
+from ..stages.shards import check_shard, launcher_shard, resolve_shard
 from . import setup
 from .report import build_report
 from .reproduce import run_notebooks
@@ -54,7 +54,7 @@ def _params(args):
 
 
 def _out_dir(args) -> Path:
-    return Path(args.out) if args.out else repo_root() / "reports" / Path(args.params).stem
+    return Path(args.out) if args.out else default_report_dir(load_params(args.params))
 
 
 # --- the subcommands ------------------------------------------------------------------------------------------
@@ -97,21 +97,36 @@ def write_asset_manifest(assets_dir: Path) -> Path:
 
 
 def masks(args) -> None:
-    """Multi-level SAM masks of a split (default: the train split), this process's shard."""
+    """Multi-level SAM masks of a split (default: the train split), this process's shard (--shard, else
+    torchrun's RANK / WORLD_SIZE or the SLURM array task, else every image)."""
     params = _params(args)
-    cache = run_mask_stage(params, args.split or params.data.train_split, shard=args.shard, force=args.force)
-    print(f"masks: {len(cache.done_ids())} images cached in {cache.dir}")
+    shard = resolve_shard(args.shard)
+    cache = run_mask_stage(params, args.split or params.data.train_split, shard=shard, force=args.force)
+    print(f"masks: shard {shard[0]}/{shard[1]} done; {len(cache.done_ids())} images cached in {cache.dir}")
+
+
+def _one_process(command: str) -> None:
+    """``prompts`` and ``seeds`` chain stages that each need the previous one complete: they run in one
+    process, so several launcher processes would only repeat the work."""
+    shard = launcher_shard()
+    if shard is not None and shard[1] > 1:
+        raise FmalibError(f"`{command}` runs in one process (each of its stages needs the previous one complete), "
+                          f"but the launcher started {shard[1]} (torchrun WORLD_SIZE / SLURM array task count); "
+                          f"shard the mask stage with `python -m fmalib masks` under the launcher, then run "
+                          f"`python -m fmalib {command}` once")
 
 
 def prompts(args) -> None:
     """Train cls prompts, then seg prompts on the coarse seeds (single process; the seeds stage runs between)."""
+    _one_process("prompts")
     params = _params(args)
     train_prompts(params, "cls")
     train_prompts(params, "seg", seeds_dir=pipeline_seeds(params, "coarse").dir)
 
 
 def seeds(args) -> None:
-    """Coarse and fine SAMS seeds of the train split (masks, CAMs and seeds cached and resumed)."""
+    """Coarse and fine SAMS seeds of the train split (masks, CAMs and seeds cached and resumed; one process)."""
+    _one_process("seeds")
     params = _params(args)
     for stage in ("coarse", "fine"):
         print(f"{stage} seeds: {pipeline_seeds(params, stage).dir}")
@@ -146,7 +161,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _out(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=None, help="executed notebooks' folder (default: reports/<params file stem>)")
+    p.add_argument("--out", default=None, help="executed notebooks' folder (default: reports/<params name>)")
 
 
 def _stage2_options(p: argparse.ArgumentParser) -> None:
@@ -165,7 +180,9 @@ def _stage2_options(p: argparse.ArgumentParser) -> None:
 
 def _masks_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="dataset split (default: data.train_split)")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this process's share of images")
+    p.add_argument("--shard", type=parse_shard, default=None,
+                   help="i/n: this process's share of images (default: from torchrun's RANK / WORLD_SIZE or the "
+                        "SLURM array task, else 0/1)")
     p.add_argument("--force", action="store_true", help="recompute images already cached")
 
 

@@ -56,9 +56,10 @@ def settings_column(params: Params, stage2: bool = True) -> dict:
     out["cls_fg_similarity_last"] = cls_run.fg_similarity[-1]
     argmax = {k: argmax_seed_miou(params, k, model=model) for k in ("hand", "cls")}
 
-    run_mask_stage(params, split)
-    cls_cams = run_cam_stage(params, split, "cls", model=model)
-    coarse = make_seeds(params, split, cls_cams, "coarse")
+    whole = (0, 1)  # one process, every image, whatever the launcher: each stage reads the previous one whole
+    run_mask_stage(params, split, whole)
+    cls_cams = run_cam_stage(params, split, "cls", whole, model=model)
+    coarse = make_seeds(params, split, cls_cams, "coarse", shard=whole)
     out["coarse_miou"] = mean_iou(evaluate_seeds(train_ds, coarse.dir))
     out["coarse_bg_power"] = coarse.bg_power
     cls_argmax_dir, _, _ = cam_argmax_seed_dir(params, split, cls_cams)
@@ -66,8 +67,8 @@ def settings_column(params: Params, stage2: bool = True) -> dict:
 
     seg_run = train_prompts(params, "seg", seeds_dir=coarse.dir, model=model)
     argmax["seg"] = argmax_seed_miou(params, "seg", seeds_dir=coarse.dir, model=model)
-    seg_cams = run_cam_stage(params, split, "seg", ctx_path=seg_run.context_path, model=model)
-    fine = make_seeds(params, split, seg_cams, "fine")
+    seg_cams = run_cam_stage(params, split, "seg", whole, ctx_path=seg_run.context_path, model=model)
+    fine = make_seeds(params, split, seg_cams, "fine", shard=whole)
     out["fine_miou"] = mean_iou(evaluate_seeds(train_ds, fine.dir))
     out["fine_bg_power"] = fine.bg_power
     seg_argmax_dir, _, _ = cam_argmax_seed_dir(params, split, seg_cams)

@@ -19,7 +19,7 @@ import papermill
 
 from ..core.cache import atomic_write_text, stable_hash
 from ..core.errors import FmalibError
-from ..core.params import repo_root
+from ..core.params import default_report_dir, load_params, repo_relative, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ def _notebook_source(path: Path) -> list:
     return [(c["cell_type"], "".join(c["source"])) for c in nb["cells"]]
 
 
+def _drop_repo_prefix(path: Path) -> None:
+    """Make the executed copy's paths repo-relative (log lines and reprs print absolute cache paths)."""
+    root = str(repo_root().resolve())
+    text = path.read_text()
+    atomic_write_text(path, text.replace(root + "/", "").replace(root, "."))
+
+
 def run_notebooks(params_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
                   parameters: Mapping[str, Any] | None = None, notebooks: list[Path] | None = None,
                   force: bool = False) -> list[dict]:
@@ -54,9 +61,10 @@ def run_notebooks(params_path: str | os.PathLike, out_dir: str | os.PathLike | N
     params_file = params_path if params_path.is_file() else repo_root() / params_path
     if not params_file.is_file():
         raise FmalibError(f"params file {params_path} does not exist")
-    out = Path(out_dir) if out_dir else repo_root() / "reports" / params_file.stem
+    out = Path(out_dir) if out_dir else default_report_dir(load_params(params_file))
     out.mkdir(parents=True, exist_ok=True)
-    nb_params = {"params_path": str(params_file), "out_dir": str(out), **(parameters or {})}
+    # papermill runs in the repo root: paths inside it are passed relative, so no output names this machine
+    nb_params = {"params_path": repo_relative(params_file), "out_dir": repo_relative(out), **(parameters or {})}
     upstream = stable_hash({"params": params_file.read_text(), "nb_params": nb_params, "code": code_version()})
     records = []
     for nb in notebooks if notebooks is not None else notebook_paths():
@@ -78,6 +86,7 @@ def run_notebooks(params_path: str | os.PathLike, out_dir: str | os.PathLike | N
                 f"notebook {nb.name} failed in cell {exc.cell_index} (execution count {exc.exec_count}): "
                 f"{exc.ename}: {exc.evalue}. Partial output: {partial}; earlier results in {out} are intact."
             ) from None
+        _drop_repo_prefix(partial)
         os.replace(partial, target)
         atomic_write_text(stamp, key)
         records.append({"notebook": nb.name, "status": "ran", "seconds": round(time.perf_counter() - t0, 2)})

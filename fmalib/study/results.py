@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..core.cache import atomic_write_text
+from ..core.cache import atomic_write_text, strict_json
 from ..core.errors import FmalibError
-from ..core.params import repo_root
+from ..core.params import repo_relative, repo_root
 
 F, I, S, B, D = float, int, str, bool, dict  # the JSON types a field may hold (float also takes int)
 
@@ -82,12 +82,15 @@ def record(out_dir: str | os.PathLike, notebook: str, **values: Any) -> dict:
     path = _results_dir(out_dir) / f"{notebook}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.update(checked)
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, default=float))
+    atomic_write_text(path, strict_json(data, indent=1, sort_keys=True))
     return data
 
 
 def _plain(value: Any) -> Any:
-    """NumPy scalars -> Python numbers (so the type check sees what JSON will hold)."""
+    """NumPy scalars -> Python numbers (so the type check sees what JSON will hold); paths -> repo-relative
+    strings (results name no machine paths; readers resolve them against the repo root)."""
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and os.path.isabs(value)):
+        return repo_relative(value)
     return value.item() if hasattr(value, "item") and not isinstance(value, (dict, list, str)) else value
 
 
@@ -122,7 +125,7 @@ def write_bench(name_or_path: str | os.PathLike, data: dict) -> Path:
     path = Path(name_or_path)
     if path.suffix != ".json":
         path = repo_root() / "reports" / "bench" / f"{name_or_path}.json"
-    text = json.dumps(data, indent=1, default=float)
+    text = strict_json(data, indent=1, default=float)
     print(text)
     atomic_write_text(path, text)
     return path

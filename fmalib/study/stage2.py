@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import FmalibError
+from ..core.params import repo_root
 from ..data import open_dataset
 from ..segment.evaluate import crf_available, evaluate_segmenter, load_segmenter
 from ..segment.train import read_metrics
@@ -26,7 +27,7 @@ def pseudo_label_dir(params, out_dir: str | os.PathLike) -> Path:
         path = params.resolve_path("stage2.labels")
         where = f"params stage2.labels={explicit!r}"
     else:
-        path, where = Path(result(out_dir, "06_fine_seeds", "label_dir")), f"06_fine_seeds.label_dir in {out_dir}"
+        path, where = repo_root() / result(out_dir, "06_fine_seeds", "label_dir"), f"06_fine_seeds.label_dir in {out_dir}"
     if not path.is_dir():
         raise FmalibError(f"pseudo-label folder {path} (from {where}) does not exist")
     return path
