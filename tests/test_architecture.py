@@ -9,7 +9,7 @@ import grimp
 
 import fmalib
 
-OPTIONAL = ("detectron2", "pydensecrf")  # imported where used, so fmalib works without them
+OPTIONAL = ("detectron2", "pydensecrf", "sam2")  # imported where used, so fmalib works without them
 
 
 def import_cycles(package: str) -> list[list[str]]:

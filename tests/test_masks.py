@@ -181,7 +181,7 @@ def toy_params(tmp_path):
         "data.root": str(tmp_path / "data"), "workdir": str(tmp_path / "work"),
         "data.synthetic.n_train": 4, "data.synthetic.n_val": 1,
         "data.synthetic.size_min": 64, "data.synthetic.size_max": 72,
-        "sam.checkpoint": str(tmp_path / "no_such_sam.pth"),  # random init tiny SAM
+        "sam.checkpoint": None,  # random init tiny SAM
         "masks.points_per_side": 4, "masks.points_per_batch": 8,
         "masks.pred_iou_thresh": 0.0, "masks.stability_score_thresh": 0.0,
     })
@@ -225,7 +225,8 @@ def test_cache_key_follows_params(toy_params):
     b = mask_cache(load_params(dict(toy_params), {"masks.overlap_thresh": 0.5}), "train")
     assert a.dir != b.dir and a.dir == mask_cache(toy_params, "train").dir
     with pytest.raises(FmalibError, match="does not exist"):
-        mask_cache(load_params(dict(toy_params), {"sam.model_type": "vit_h"}), "train")
+        mask_cache(load_params(dict(toy_params), {"sam.model_type": "vit_h",
+                                                   "sam.checkpoint": "/nonexistent/sam_vit_h.pth"}), "train")
 
 
 class _PointsAsEmbeddings(torch.nn.Module):
@@ -259,7 +260,7 @@ class _Discs(torch.nn.Module):
 
 def _scripted_generator(radii, ious, **overrides):
     torch.manual_seed(0)
-    model = load_sam_from_params(load_params("params/toy.yaml", {"sam.checkpoint": "/nonexistent.pth"}))
+    model = load_sam_from_params(load_params("params/toy.yaml", {"sam.checkpoint": None}))
     model.prompt_encoder = _PointsAsEmbeddings()
     model.mask_decoder = _Discs(model.image_encoder.img_size, radii, ious)
     cfg = dict(load_params("params/toy.yaml").masks, points_per_side=4, points_per_batch=5,

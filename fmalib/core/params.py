@@ -37,6 +37,9 @@ SCHEMA: dict[str, Any] = {
     },
     "clip": {"model": str, "checkpoint": (str, None)},
     "sam": {"model_type": str, "checkpoint": (str, None)},
+    # SAM 2, used when masks.generator is sam2 (fmalib/models/sam2.py): a config of the sam2 package
+    # (sam2.1_hiera_t | _s | _b+ | _l, sam2_hiera_*), its checkpoint (null = random init: speed only), input size
+    "sam2": {"config": str, "checkpoint": (str, None), "image_size": int},
     "foundation": {"clip": dict, "sam": dict},
     "prompts": {  # CoOp prompt learning (fmalib/prompts.py, fmalib/train.py; METHOD §2-3)
         "n_ctx": int,
@@ -70,6 +73,7 @@ SCHEMA: dict[str, Any] = {
         "max_side": (int, None),  # CLIP input's long side capped at this (attention memory); null = no cap
     },
     "masks": {  # SAM automatic masks with levels (fmalib/masks.py; METHOD §5)
+        "generator": str,  # sam (segment_anything, params.sam) | sam2 (the sam2 package, params.sam2)
         "points_per_side": int,
         "points_per_batch": int,
         "pred_iou_thresh": float,
@@ -230,10 +234,197 @@ def validate(tree: Mapping, schema: Mapping = SCHEMA, where: str = "params", pre
         if key not in tree:
             raise FmalibError(f"{where}: missing key {dotted} (expected {_type_name(spec)})")
         value = tree[key]
+        if spec is dict or not _matches(value, spec):
+            _check_float_strings(value, dotted, where, integer=_int_only(spec))
         if not _matches(value, spec):
             raise FmalibError(f"{where}: key {dotted} is {value!r}; expected {_type_name(spec)}")
         if isinstance(spec, dict):
             validate(value, spec, where, dotted + ".")
+
+
+# YAML 1.1 (PyYAML) reads a float only with a dot in the mantissa and a signed exponent: 1e-3, 1.0e3 and 1E+3
+# load as strings
+_YAML11_FLOAT_STRING = re.compile(r"([-+]?)(\d*\.?\d*)[eE]([-+]?)(\d+)")
+
+
+def _float_string_hint(value: Any, integer: bool = False) -> str | None:
+    """``write 1.0e-3 (YAML reads 1e-3 as a string)`` for a string YAML 1.1 did not read as a float
+    (``integer``: the key takes an int, so an integral value is suggested in plain digits)."""
+    if not isinstance(value, str):
+        return None
+    m = _YAML11_FLOAT_STRING.fullmatch(value.strip())
+    if not m or not any(c.isdigit() for c in m.group(2)):
+        return None
+    sign, mantissa, exp_sign, exp = m.groups()
+    whole, _, frac = mantissa.partition(".")
+    fixed = f"{sign}{whole or '0'}.{frac or '0'}e{exp_sign or '+'}{exp}"
+    if integer and float(fixed).is_integer():
+        fixed = str(int(float(fixed)))
+    return f"write {fixed} (YAML reads {value} as a string)"
+
+
+def _int_only(spec: Any) -> bool:
+    """The spec takes ints (or a list of them) and no float."""
+    if isinstance(spec, list):
+        return _int_only(spec[0])
+    alternatives = spec if isinstance(spec, tuple) else (spec,)
+    return int in alternatives and float not in alternatives
+
+
+def _check_float_strings(value: Any, dotted: str, where: str, integer: bool = False) -> None:
+    """A number YAML 1.1 read as a string, anywhere in ``value`` (free mappings included), is an error."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_float_strings(v, f"{dotted}.{k}", where)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_float_strings(v, f"{dotted}[{i}]", where, integer)
+    elif (hint := _float_string_hint(value, integer)) is not None:
+        raise FmalibError(f"{where}: key {dotted} is the string {value!r}, not a number: {hint}")
+
+
+# --- value ranges: checked after the schema, so every key is there with its type -------------------------------
+def _rule(test: Callable[[Any], bool], expected: str) -> tuple[Callable[[Any], bool], str]:
+    return test, expected
+
+
+def _at_least(lo: int) -> tuple[Callable[[Any], bool], str]:
+    return _rule(lambda v: v >= lo, f">= {lo}")
+
+
+_POSITIVE = _rule(lambda v: v > 0, "> 0")
+_NON_NEGATIVE = _at_least(0)
+_UNIT = _rule(lambda v: 0 <= v <= 1, "in [0, 1]")
+_MOMENTUM = _rule(lambda v: 0 <= v < 1, "in [0, 1)")
+
+# dotted key -> (test, what is expected); a list value is tested item by item, a null value is not tested.
+# Only keys where a bad value gives a raw traceback or a silently wrong result downstream; the string
+# choices (cam.target, prompts.cls.loss, stage2.model, ...) are checked, with the key, where they are used.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "prompts.n_ctx": _at_least(1),
+    "prompts.batch_size": _at_least(1),
+    "prompts.momentum": _MOMENTUM,
+    "prompts.crop_size": _at_least(1),
+    "prompts.long_side": _at_least(1),
+    "prompts.color_jitter": _NON_NEGATIVE,
+    "prompts.num_workers": _NON_NEGATIVE,
+    "prompts.ckpt_every": _at_least(1),
+    **{f"prompts.{kind}.{key}": rule for kind in ("cls", "seg") for key, rule in (
+        ("iters", _NON_NEGATIVE), ("warmup_iters", _NON_NEGATIVE), ("warmup_lr", _NON_NEGATIVE),
+        ("lr", _POSITIVE), ("weight_decay", _NON_NEGATIVE), ("init_std", _POSITIVE))},
+    "cam.caa_last_k": _at_least(1),
+    "cam.sinkhorn_iters": _NON_NEGATIVE,
+    "cam.caa_threshold.hand": _UNIT,
+    "cam.caa_threshold.cls": _UNIT,
+    "cam.caa_threshold.seg": _UNIT,
+    "cam.bg_thresholds": _UNIT,
+    "cam.max_side": _rule(lambda v: v >= 32, ">= 32 (px; or null for no cap)"),
+    "masks.points_per_side": _at_least(1),
+    "masks.points_per_batch": _at_least(1),
+    "masks.pred_iou_thresh": _UNIT,
+    "masks.stability_score_thresh": _UNIT,
+    "masks.stability_score_offset": _NON_NEGATIVE,
+    "masks.box_nms_thresh": _UNIT,
+    "masks.crop_n_layers": _NON_NEGATIVE,
+    "masks.crop_n_points_downscale_factor": _at_least(1),
+    "masks.crop_overlap_ratio": _rule(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "masks.crop_nms_thresh": _UNIT,
+    "masks.min_mask_region_area": _NON_NEGATIVE,
+    "masks.overlap_thresh": _UNIT,
+    "sams.power_grid": _POSITIVE,
+    "sams.power_images": _at_least(1),
+    "sams.levels": _rule(lambda v: v in (0, 1, 2), "0 (subpart), 1 (part) or 2 (whole)"),
+    "stage2.backbone_depth": _rule(lambda v: v in (18, 34, 50, 101, 152), "one of 18, 34, 50, 101, 152"),
+    "stage2.freeze_at": _rule(lambda v: 0 <= v <= 5, "in 0..5"),
+    "stage2.fpn_channels": _at_least(1),
+    "stage2.head_channels": _at_least(1),
+    "stage2.iters": _at_least(1),
+    "stage2.batch_size": _at_least(1),
+    "stage2.lr": _POSITIVE,
+    "stage2.warmup_iters": _NON_NEGATIVE,
+    "stage2.momentum": _MOMENTUM,
+    "stage2.weight_decay": _NON_NEGATIVE,
+    "stage2.crop_size": _at_least(1),
+    "stage2.scale_range": _POSITIVE,
+    "stage2.num_gpus": _at_least(1),
+    "stage2.num_workers": _NON_NEGATIVE,
+    "stage2.checkpoint_period": _at_least(1),
+    "stage2.log_period": _at_least(1),
+    "stage2.test.scales": _POSITIVE,
+    "stage2.crf.iters": _NON_NEGATIVE,
+}
+# list keys of a fixed length, or [lo, hi] pairs (lo <= hi)
+LENGTHS = {"prompts.long_side": 2, "prompts.color_jitter": 4, "stage2.scale_range": 2}
+PAIRS = ("prompts.long_side", "stage2.scale_range")
+NON_EMPTY = ("classes.names", "cam.bg_thresholds", "sams.power_grid", "sams.levels", "stage2.test.scales")
+
+
+def _get(tree: Mapping, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_device(device: str, where: str = "params") -> None:
+    """``cpu``, ``cuda`` or ``cuda:N``, CUDA only where torch sees it."""
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if not m:
+        raise FmalibError(f"{where}: key device is {device!r}; expected cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FmalibError(f"{where}: key device is {device!r} but CUDA is not available here; use device: cpu "
+                              f"(or --device cpu)")
+        if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+            raise FmalibError(f"{where}: key device is {device!r} but only {torch.cuda.device_count()} CUDA "
+                              f"device(s) are visible (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+
+
+def check_ranges(tree: Mapping, where: str = "params") -> None:
+    """Raise FmalibError for the first value out of its range (dotted key, value, expected range)."""
+    check_device(tree["device"], where)
+    for dotted in NON_EMPTY:
+        if not _get(tree, dotted):
+            raise FmalibError(f"{where}: key {dotted} is empty; expected at least one entry")
+    for dotted, n in LENGTHS.items():
+        value = _get(tree, dotted)
+        if len(value) != n:
+            raise FmalibError(f"{where}: key {dotted} is {value!r}; expected {n} numbers")
+    for dotted, (test, expected) in RANGES.items():
+        value = _get(tree, dotted)
+        for item in (value if isinstance(value, list) else [value]):
+            if item is not None and not test(item):
+                raise FmalibError(f"{where}: key {dotted} is {value!r}; expected {expected}"
+                                  + (" for every entry" if isinstance(value, list) else ""))
+    for dotted in PAIRS:
+        lo, hi = _get(tree, dotted)
+        if lo > hi:
+            raise FmalibError(f"{where}: key {dotted} is {[lo, hi]!r}; expected [min, max] with min <= max")
+    for stage in ("coarse", "fine"):
+        value = tree["sams"][f"bg_power_{stage}"]
+        if (isinstance(value, str) and value != "auto") or (not isinstance(value, str) and not value > 0):
+            hint = _float_string_hint(value)
+            raise FmalibError(f"{where}: key sams.bg_power_{stage} is {value!r}; expected a number > 0 or 'auto'"
+                              + (f": {hint}" if hint else ""))
+    names, synonyms = tree["classes"]["names"], tree["classes"]["synonyms"]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise FmalibError(f"{where}: key classes.names repeats {dup!r}; class names must be unique (ids 1..C)")
+    if len(synonyms) != len(names):
+        raise FmalibError(f"{where}: key classes.synonyms has {len(synonyms)} entries but classes.names has "
+                          f"{len(names)}; expected one synonym string per class")
+    if len(names) > 254:
+        raise FmalibError(f"{where}: key classes.names has {len(names)} classes; at most 254 fit a label PNG "
+                          f"(ids 1..254, 255 = ignore)")
+    data = tree["data"]
+    if data["kind"] == "synthetic":
+        syn = data["synthetic"]
+        for key in ("n_train", "n_val", "size_min"):
+            if syn[key] < 1:
+                raise FmalibError(f"{where}: key data.synthetic.{key} is {syn[key]!r}; expected >= 1")
+        if syn["size_max"] < syn["size_min"]:
+            raise FmalibError(f"{where}: keys data.synthetic.size_min = {syn['size_min']!r} and size_max = "
+                              f"{syn['size_max']!r}: expected size_min <= size_max")
 
 
 def _check_confident(sams: Mapping, where: str) -> None:
@@ -278,6 +469,7 @@ def load_params(source: str | os.PathLike | Mapping, overrides: Mapping[str, Any
         _apply_override(tree, dotted, value, where)
     validate(tree, SCHEMA, where)
     _check_confident(tree["sams"], where)
+    check_ranges(tree, where)
     params = _wrap(tree)
     params.path = path
     return params

@@ -21,8 +21,9 @@ def open_dataset(params, split: str):
     """The dataset of ``params.data`` for ``split`` (e.g. ``params.data.train_split``).
 
     synthetic: writes the benchmark to ``data.root`` once (skipped when already there with the same
-    settings) and reads it through the VOC loader; voc: ``VOCDataset`` (train / train_aug / val);
-    coco: ``COCODataset`` (train / val).
+    settings) and reads it through the VOC loader; voc: ``VOCDataset`` (train / train_aug / val) of any
+    VOC-layout dataset, its classes ``classes.names`` (mask ids 1..C, 255 ignore); coco: ``COCODataset``
+    (train / val), ``classes.names`` must be the annotation file's categories.
     """
 
     data = params["data"]
@@ -38,16 +39,14 @@ def open_dataset(params, split: str):
                               f"synthetic benchmark's classes {list(CLASS_NAMES)} (ids 1..{len(CLASS_NAMES)})")
         write_benchmark(root, syn["n_train"], syn["n_val"], syn["seed"], (syn["size_min"], syn["size_max"]))
         return VOCDataset(root, split, CLASS_NAMES)
-    if kind == "voc":
-        ds = VOCDataset(root, split, VOC_CLASSES)
-    else:
-
-        ds = COCODataset(root, split)
-    # prompts are built from classes.names and labels from the dataset's ids: they must be the same list
+    if kind == "voc":  # any VOC-layout dataset: its classes are classes.names, ids 1..C (VOC's 20 in voc.yaml)
+        return VOCDataset(root, split, list(params.get("classes", {}).get("names", VOC_CLASSES)))
+    ds = COCODataset(root, split)
+    # COCO's classes come from its annotation file; prompts are built from classes.names: the same list
     names = list(params.get("classes", {}).get("names", ds.class_names))
     if names != list(ds.class_names):
-        source = getattr(ds, "ann_file", None) or f"fmalib.data.voc.VOC_CLASSES"
-        raise FmalibError(f"params classes.names in {getattr(params, 'path', None)} ({len(names)} names) differ "
-                          f"from the dataset's classes ({len(ds.class_names)}, from {source}): first difference "
+        raise FmalibError(f"params classes.names in {getattr(params, 'path', None)} ({len(names)} names) must "
+                          f"match the annotation file's {len(ds.class_names)} categories in category-id order "
+                          f"({ds.ann_file}): first difference "
                           f"{next(((a, b) for a, b in zip(names, ds.class_names) if a != b), 'in length')}")
     return ds

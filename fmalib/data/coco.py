@@ -103,7 +103,16 @@ class COCODataset:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i = i % len(self)
-        return {"id": self.ids[i], "image": self.load_image(i), "labels": self.image_labels(i), "gt": self.load_gt(i)}
+        image = self.load_image(i)
+        if image.shape[:2] != self.image_size(i):
+            raise FmalibError(f"image {self.image_path(i)} is {image.shape[:2]} but {self.ann_file} gives it "
+                              f"height x width {self.image_size(i)}; expected equal sizes")
+        return {"id": self.ids[i], "image": image, "labels": self.image_labels(i), "gt": self.load_gt(i)}
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(height, width) of image i as the annotation file gives it (the size of its ``load_gt`` map)."""
+        info = self.coco.imgs[self._image_ids[i]]
+        return int(info["height"]), int(info["width"])
 
     def __repr__(self) -> str:
         return f"COCODataset({str(self.ann_file)!r}, {len(self)} images, {len(self.class_names)} classes)"

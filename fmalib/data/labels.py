@@ -55,7 +55,24 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FmalibError(f"label file {path} does not exist (expected a palette PNG of class ids)")
-    with Image.open(path) as img:
-        if img.mode not in ("P", "L"):
-            raise FmalibError(f"label file {path} has mode {img.mode}; expected a palette (P) or grayscale (L) PNG")
-        return np.array(img, dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            if img.mode not in LABEL_MODES:
+                raise FmalibError(f"label file {path} {label_mode_problem(img.mode)}")
+            return np.array(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError, truncated files: OSError
+        raise FmalibError(f"label file {path} cannot be read ({type(exc).__name__}: {exc}); a truncated or corrupt "
+                          f"PNG? Re-save it as a palette PNG of class ids") from exc
+
+
+LABEL_MODES = ("P", "L")  # pixel values are the class ids
+
+
+def label_mode_problem(mode: str) -> str:
+    """Why a label PNG of PIL mode ``mode`` (not P / L) is refused, and what to do."""
+    if mode in ("RGB", "RGBA"):
+        return (f"is an {mode} PNG (colours, not class ids); convert it to a palette/index PNG whose pixel values "
+                f"are the class ids (0 background, 1..C classes, 255 ignore): mode P or L, e.g. "
+                f"fmalib.data.labels.write_label_png")
+    return (f"has mode {mode}; expected a palette (P) or grayscale (L) PNG whose pixel values are the class ids "
+            f"(0 background, 1..C classes, 255 ignore)")

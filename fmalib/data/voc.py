@@ -54,10 +54,40 @@ def split_line_id(line: str) -> str:
     return first
 
 
+# PIL modes of 8-bit images read_image accepts -> what converting them to RGB does (None: nothing to convert)
+IMAGE_MODES: dict[str, str | None] = {
+    "RGB": None,
+    "L": "grayscale, converted to RGB (gray copied to the three channels)",
+    "1": "1-bit, converted to RGB",
+    "P": "palette, converted to RGB through its palette",
+    "PA": "palette + alpha, converted to RGB (alpha dropped)",
+    "LA": "grayscale + alpha, converted to RGB (alpha dropped)",
+    "RGBA": "RGBA, converted to RGB (alpha dropped, the colour under transparent pixels kept)",
+    "RGBX": "RGBX, converted to RGB (padding channel dropped)",
+    "CMYK": "CMYK, converted to RGB (PIL's plain formula, no colour profile)",
+    "YCbCr": "YCbCr, converted to RGB",
+}
+
+
+def unsupported_mode(mode: str) -> str:
+    """Why an image of PIL mode ``mode`` (not in IMAGE_MODES) is refused."""
+    return (f"has PIL mode {mode} (16-bit / 32-bit / float pixels, which RGB conversion would clip); "
+            f"save it as an 8-bit RGB JPEG or PNG")
+
+
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of any PIL-readable image file."""
-    with Image.open(path) as img:
-        return np.array(img.convert("RGB"))
+    """RGB uint8 (H, W, 3) of an 8-bit image file: grayscale, palette, RGBA / LA (alpha dropped), CMYK and
+    YCbCr images are converted to RGB (``IMAGE_MODES``). A file PIL cannot decode (truncated or corrupt,
+    not an image) or a 16-bit / float image is an FmalibError naming the file."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in IMAGE_MODES:
+                raise FmalibError(f"image {path} {unsupported_mode(img.mode)}")
+            return np.array(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        # UnidentifiedImageError and 'image file is truncated' are OSErrors
+        raise FmalibError(f"image {path} cannot be read ({type(exc).__name__}: {exc}); a truncated or corrupt "
+                          f"file, or not an image? Re-download or re-save it") from exc
 
 
 class VOCDataset:
@@ -112,8 +142,11 @@ class VOCDataset:
         gt = read_label_png(self.gt_path(i))
         top = int(gt[gt != IGNORE].max(initial=0))
         if top > len(self.class_names):
-            raise FmalibError(f"mask {self.gt_path(i)} holds class id {top} but only {len(self.class_names)} "
-                              f"foreground classes were given ({self.class_names[:3]}...)")
+            bad = sorted(int(v) for v in np.unique(gt) if len(self.class_names) < v < IGNORE)
+            raise FmalibError(f"mask {self.gt_path(i)} holds class id{'s' * (len(bad) > 1)} "
+                              f"{', '.join(map(str, bad))} but only {len(self.class_names)} "
+                              f"foreground classes were given (ids 1..{len(self.class_names)}, 255 = ignore: "
+                              f"params classes.names {list(self.class_names[:3])}...)")
         return gt
 
     def image_labels(self, i: int, gt: np.ndarray | None = None) -> np.ndarray:

@@ -18,13 +18,14 @@ def image_cams(model, text: torch.Tensor, n_fg: int, image: np.ndarray, labels: 
     """CAMs of one uint8 image for its present fg ids ``labels`` (1..C) at single scale.
 
     text (n_fg + n_bg, D): fg prompts then bg prompts. cfg: params.cam (target, target_layer, caa_last_k,
-    sinkhorn_iters). ``caa_source``: the map CAA propagates — ``normalized`` (ReLU + min-max) or ``raw``.
+    sinkhorn_iters; ``max_side``, optional: cap on the input's long side, see ``models.clip.input_size``).
+    An image without labels (K = 0) gives (0, h, w) maps. ``caa_source``: the map CAA propagates — ``normalized`` (ReLU + min-max) or ``raw``.
     Returns float32 ``cam`` (ReLU, min-max) and ``cam_caa`` (refined), both (K, h, w), and ``labels``.
     """
     if caa_source not in CAA_SOURCES:
         raise FmalibError(f"params cam.caa_source={caa_source!r}; expected one of {CAA_SOURCES}")
     labels = np.asarray(labels, np.int64)
-    x = C.to_input(model, image)
+    x = C.to_input(model, image, cfg.get("max_side"))  # the CAMs stay on this (capped) input's patch grid
     n_blocks = len(model.visual.transformer.resblocks)
     k_attn = min(int(cfg["caa_last_k"]), n_blocks)
     with torch.no_grad():

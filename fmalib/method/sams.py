@@ -33,8 +33,9 @@ Defined corner cases: ties in the label argmax go to background, then to the cla
 original; the 1e-7 is what breaks the tie between two classes peaking on the same mask (the one with the
 larger score span wins, as in the original, where a plain min-max would give both exactly 1); ties in
 (level, confidence) paint in mask-index order (the later index lands on top, the original's stable sort);
-a class whose scores do not vary across the masks (one mask, or a flat CAM) normalises to 0; empty masks are
-ignored; an image with no (non-empty) mask falls back to the same rule per pixel on the upsampled, ReLU'd
+a class whose scores do not vary across the masks (one mask, or a flat CAM) normalises to 0; an image without
+a present class (K = 0, a (0, h, w) CAM) is all background, confidence 1 where a mask covers it, and
+``choose_bg_power`` leaves it out; empty masks are ignored; an image with no (non-empty) mask falls back to the same rule per pixel on the upsampled, ReLU'd
 CAMs normalised by their maximum — label = argmax(bg, CAM_c / max CAM_c) with bg = (1 - max_c)^p, i.e. a
 background threshold t with (1 - t)^p = t — with a logged warning, counted in ``stats["fallback"]`` (the
 original crashes there). Scores are computed in float64 (the original: float32 on the GPU), so near-ties
@@ -311,12 +312,15 @@ def check_confident(hi: float, lo: float) -> None:
 def confident_pixels(cam: np.ndarray, image_labels: np.ndarray, hi: float, lo: float
                      ) -> tuple[np.ndarray, np.ndarray]:
     """The CAM's sure pixels, CAMs (ReLU) normalised by their max: (sure-fg map uint8 (H, W) holding the top
-    class where its CAM >= hi and 0 elsewhere, sure-bg bool (H, W) where every CAM <= lo)."""
+    class where its CAM >= hi and 0 elsewhere, sure-bg bool (H, W) where every CAM <= lo). No present class
+    (K = 0): nothing is sure foreground and every pixel sure background."""
     check_confident(hi, lo)
     pos = np.maximum(np.asarray(cam, np.float32), 0)
     peak = pos.reshape(len(pos), -1).max(axis=1) if pos.size else np.zeros(0, np.float32)
     norm = pos / np.where(peak > 0, peak, 1.0)[:, None, None]
     best = norm.max(axis=0, initial=0.0)
+    if not len(norm):
+        return np.zeros(best.shape, np.uint8), best <= lo
     arg = np.argmax(norm, axis=0) if len(norm) else np.zeros(best.shape, np.int64)
     fg = np.where(best >= hi, np.r_[0, image_labels][arg + 1], 0).astype(np.uint8)
     return fg, best <= lo
@@ -395,13 +399,19 @@ def sams_seed(cam: np.ndarray, masks, levels: Sequence[int], image_labels: Seque
 
 # --- background power: GT-free choice and the GT sweep ---------------------------------------------------
 def power_agreement(images: Iterable[SamsImage], powers: Sequence[float]):
-    """Per p: hit rate on the CAM's confident-fg and confident-bg pixels and their mean (a DataFrame)."""
+    """Per p: hit rate on the CAM's confident-fg and confident-bg pixels and their mean (a DataFrame).
+
+    Images without a present class (K = 0) are left out: SAMS paints them all background whatever p is, so
+    they say nothing about p (counting their pixels would only dilute the bg rate). With no image left, every
+    rate is 0 and every p ties."""
 
     powers = [float(p) for p in powers]
     hits = np.zeros((len(powers), 4))  # fg hits, fg total, bg hits, bg total
     for image in images:
         if image.confident is None:
             raise FmalibError("power_agreement: prepare the images with sams_prepare(..., confident=(hi, lo))")
+        if not len(image.image_labels):
+            continue
         fg, bg = image.confident
         fg_px = fg > 0
         for i, p in enumerate(powers):

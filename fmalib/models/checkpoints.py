@@ -1,4 +1,4 @@
-"""The one place that turns params into models: which CLIP / SAM checkpoint, what identifies it in cache
+"""The one place that turns params into models: which CLIP / SAM / SAM 2 checkpoint, what identifies it in cache
 keys, and the loaded, frozen model. Everything downstream receives a model or a fingerprint, never a path.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from ..core.device import get_device
 from ..core.errors import FmalibError
 from . import clip as C
 from .sam import load_sam
+from .sam2 import load_sam2, require_sam2
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +84,39 @@ def load_sam_from_params(params, device: str | None = None):
                  int(params["seed"]))
         torch.manual_seed(int(params["seed"]))
     return load_sam(params["sam"]["model_type"], ckpt, device or params["device"])
+
+
+def sam2_checkpoint(params) -> Path | None:
+    """The SAM 2 checkpoint of ``params.sam2`` (masks.generator sam2); None = random init (``checkpoint: null``)."""
+    if params["sam2"]["checkpoint"] is None:
+        return None
+    path = params.resolve_path("sam2.checkpoint")
+    if not path.is_file():
+        raise FmalibError(f"params sam2.checkpoint: {path} does not exist (SAM 2 {params['sam2']['config']} "
+                          f"needs Meta's release file, e.g. sam2.1_hiera_large.pt; sam2.checkpoint: null asks "
+                          f"for random weights)")
+    return path
+
+
+def sam2_fingerprint(params) -> dict:
+    """What identifies the SAM 2 of ``params.sam2`` in cache keys: config, input size, file content (or seed)."""
+    ckpt = sam2_checkpoint(params)
+    ident = {"config": params["sam2"]["config"], "image_size": int(params["sam2"]["image_size"])}
+    if ckpt is None:
+        ident["random_init_seed"] = int(params["seed"])
+    else:
+        ident.update(file_fingerprint(ckpt))
+    return ident
+
+
+def load_sam2_from_params(params, device: str | None = None):
+    """The frozen SAM 2 of ``params.sam2`` through the sam2 package's builder (an FmalibError saying how to
+    install it when it is not installed); randomly initialised, seeded by ``params.seed``, when
+    ``sam2.checkpoint`` is null."""
+    require_sam2()
+    ckpt = sam2_checkpoint(params)
+    if ckpt is None:
+        log.info("sam2.checkpoint is null: a randomly initialised SAM 2 %s (seed %d)", params["sam2"]["config"],
+                 int(params["seed"]))
+        torch.manual_seed(int(params["seed"]))
+    return load_sam2(params["sam2"]["config"], ckpt, int(params["sam2"]["image_size"]), device or params["device"])

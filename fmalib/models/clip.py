@@ -324,17 +324,39 @@ def patch_size(model) -> int:
     p = model.visual.patch_size
     return int(p[0] if isinstance(p, (tuple, list)) else p)
 
-def to_input(model, image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) -> normalised (1, 3, H', W') with sides rounded to a multiple of the patch size."""
+def input_size(model, height: int, width: int, max_side: int | None = None) -> tuple[int, int]:
+    """(H', W') of ``to_input``: sides rounded to a multiple of the patch size, at least one patch; with
+    ``max_side``, an image whose long side exceeds it is first scaled down (aspect kept) so that the long side
+    of the result is at most ``max_side`` rounded down to the patch (at least one patch)."""
+    p = patch_size(model)
+    h, w = float(height), float(width)
+    n_max = None
+    if max_side is not None:
+        n_max = max(1, int(max_side) // p)
+        if max(h, w) > max_side:
+            s = max_side / max(h, w)
+            h, w = h * s, w * s
+    hh, ww = (max(1, int(round(v / p))) for v in (h, w))
+    if n_max is not None:
+        hh, ww = min(hh, n_max), min(ww, n_max)
+    return hh * p, ww * p
+
+
+def to_input(model, image: np.ndarray, max_side: int | None = None) -> torch.Tensor:
+    """uint8 (H, W, 3) -> normalised (1, 3, H', W') with sides rounded to a multiple of the patch size (bilinear).
+
+    ``max_side``: cap on the long side (``input_size``; params ``cam.max_side``) — attention memory grows with
+    the fourth power of the side; None = no cap."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise FmalibError(f"expected a uint8 (H, W, 3) image; got {image.dtype} {image.shape}")
-    p = patch_size(model)
     mean, std = image_normalization(model)
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
     h, w = image.shape[:2]
-    hh, ww = max(p, int(round(h / p)) * p), max(p, int(round(w / p)) * p)
+    hh, ww = input_size(model, h, w, max_side)
     if (hh, ww) != (h, w):
-        x = F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False)
+        # capped: a large downscale, antialiased (the uncapped rounding to the patch stays as it was)
+        capped = max_side is not None and max(h, w) > max_side
+        x = F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False, antialias=capped)
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     return x.to(next(model.parameters()).device)
 

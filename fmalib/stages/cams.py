@@ -20,6 +20,7 @@ from ..method.image_cams import image_cams
 from ..method.prompts import build_prompts
 from ..method.seed_rules import bg_threshold_sweep, cam_argmax_seeds
 from ..models.checkpoints import clip_fingerprint, load_clip_from_params
+from ..models.clip import input_size, patch_size
 from .prompts import load_context, trained_context_path
 from .shards import launcher_device, resolve_shard, shard_indices
 
@@ -31,11 +32,26 @@ def cam_cache(params, split: str, kind: str, ctx_path: str | Path | None = None)
     cam = params["cam"]  # only what changes the maps (not use_caa / bg_thresholds, which act downstream)
     cfg = {"target": cam["target"], "caa_last_k": cam["caa_last_k"], "sinkhorn_iters": cam["sinkhorn_iters"],
            "caa_threshold": cam["caa_threshold"][kind], "target_layer": cam["target_layer"],
-           "caa_source": cam["caa_source"][kind]}
+           "caa_source": cam["caa_source"][kind], "max_side": cam["max_side"]}
     key = {"split": split, "kind": kind, "cam": cfg, "classes": params["classes"], "clip": clip_fingerprint(params),
            "data": split_key(params, split), "template": params["prompts"]["hand_template"] if kind == "hand" else None,
            "ctx": file_fingerprint(ctx_path) if ctx_path else None}
     return StageCache(params.resolve_path("workdir"), f"cam_{kind}", key)
+
+
+def warn_tiny_image(model, image_id: str, size: tuple[int, int], max_side: int | None = None) -> bool:
+    """Log a warning for an image smaller than one CLIP patch on a side (True then): it is upsampled to the
+    patch; on a one-patch grid its CAMs are 0 (min-max of a single value), so its seeds are all background."""
+    p = patch_size(model)
+    if min(size) >= p:
+        return False
+    hh, ww = input_size(model, *size, max_side)
+    grid = (hh // p, ww // p)
+    log.warning("image %r is %dx%d px, smaller than one CLIP patch (%d px) on a side: CLIP sees it upsampled to "
+                "%dx%d (a %dx%d patch grid)%s", image_id, size[0], size[1], p, hh, ww, *grid,
+                "; one patch has no spatial CAM (all 0 after min-max): its seeds are all background"
+                if grid == (1, 1) else "")
+    return True
 
 
 def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, int] | None = None,
@@ -66,6 +82,7 @@ def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, in
     log.info("CAMs (%s prompts) of %d %s images -> %s", prompts, len(todo), split, cache.dir)
     for j in tqdm(todo, desc=f"CAMs {prompts}/{split}", disable=not progress):
         item = ds[j]
+        warn_tiny_image(model, item["id"], item["image"].shape[:2], params["cam"]["max_side"])
         res = image_cams(model, text, pset.n_fg, item["image"], item["labels"], params["cam"], threshold,
                          params["cam"]["caa_source"][prompts])
         cache.save_npz(item["id"], labels=res["labels"], cam=res["cam"].astype(np.float16),

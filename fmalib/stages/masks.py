@@ -1,5 +1,6 @@
-"""The mask stage: every image of a split → its multi-level SAM masks (``MultiLevelMaskGenerator``), one npz per
-image in a ``StageCache`` keyed by the SAM, ``params.masks`` and the dataset; resumable and shardable
+"""The mask stage: every image of a split → its multi-level SAM masks (the generator of ``params.masks.generator``,
+``fmalib.stages.mask_generators``: SAM's ``MultiLevelMaskGenerator`` or SAM 2's), one npz per
+image in a ``StageCache`` keyed by the generator and its model, ``params.masks`` and the dataset; resumable and shardable
 (``python -m fmalib masks --shard i/n``, or the shard of torchrun / a SLURM array: ``stages.shards``; shards
 write different files into the same cache directory)."""
 from __future__ import annotations
@@ -14,17 +15,18 @@ from ..core.cache import StageCache
 from ..core.errors import FmalibError
 from ..data import open_dataset
 from ..data.fingerprint import split_key
-from ..method.generator import MASK_KEYS, MultiLevelMaskGenerator
+from ..method.generator import MASK_KEYS
 from ..method.masks import LEVELS, MaskSet
-from ..models.checkpoints import load_sam_from_params, sam_fingerprint
+from .mask_generators import build_mask_generator, generator_key, generator_spec
 from .shards import launcher_device, resolve_shard, shard_indices
 
 log = logging.getLogger(__name__)
 
 
 def mask_cache(params, split: str) -> StageCache:
-    """The mask cache of ``split``: keyed by the SAM, params.masks and the dataset (not by the shard)."""
-    key = {"sam": sam_fingerprint(params), "masks": {k: params["masks"][k] for k in MASK_KEYS},
+    """The mask cache of ``split``: keyed by the generator (``masks.generator``) and its model, params.masks and
+    the dataset (not by the shard)."""
+    key = {**generator_key(params), "masks": {k: params["masks"][k] for k in MASK_KEYS},
            "data": split_key(params, split, labels=False)}  # masks depend on the images only
     return StageCache(params.resolve_path("workdir"), "masks", key)
 
@@ -59,9 +61,8 @@ def run_mask_stage(params, split: str | None = None, shard: tuple[int, int] | No
              split, shard[0], shard[1], len(mine), len(mine) - len(todo), len(todo), cache.dir)
     if not todo:
         return cache
-    if model is None:
-        model = load_sam_from_params(params, launcher_device(params["device"]))
-    generator = MultiLevelMaskGenerator(model, params["masks"])
+    log.info("mask generator: %s", generator_spec(params).label)
+    generator = build_mask_generator(params, model, launcher_device(params["device"]))
     per_level = np.zeros(3, np.int64)
     for j in tqdm(todo, desc=f"SAM masks {split} {shard[0]}/{shard[1]}"):
         item = dataset[j]

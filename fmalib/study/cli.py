@@ -17,10 +17,12 @@ from ..core.cache import atomic_write_text
 from ..core.errors import FmalibError
 from ..core.params import default_report_dir, load_params, repo_root
 from ..data import open_dataset
+from ..data.check import check_split, problems_error
 from ..pretrain.clip import pretrain_clip
 from ..pretrain.sam import pretrain_sam
 from ..segment.evaluate import evaluate_segmenter
 from ..segment.train import run_dir, train_segmenter
+from ..stages.cam_files import refine_cam_files
 from ..stages.masks import run_mask_stage
 from ..stages.prompts import train_prompts
 from ..stages.seeds import pipeline_seeds
@@ -59,10 +61,25 @@ def _out_dir(args) -> Path:
 
 # --- the subcommands ------------------------------------------------------------------------------------------
 def data(args) -> None:
-    """Open (and, for the synthetic benchmark, generate) both splits and print their sizes."""
+    """Open (and, for the synthetic benchmark, generate) both splits, check every image and label file, print
+    their sizes and notes; every bad file of both splits is listed in one error."""
     params = _params(args)
+    problems = []
     for split in (params.data.train_split, params.data.val_split):
-        print(f"{split}: {len(open_dataset(params, split))} images")
+        ds = open_dataset(params, split)
+        found = check_split(ds, progress=True)
+        errors, notes = sum(p.error for p in found), [p for p in found if not p.error]
+        print(f"{split}: {len(ds)} images, " + (f"{errors} problem(s)" if errors else "all files usable")
+              + (f", {len(notes)} note(s)" if notes else ""))
+        for note in notes[:10]:
+            print(f"  note: {note}")
+        if len(notes) > 10:
+            print(f"  ... and {len(notes) - 10} more notes")
+        problems += found
+    error = problems_error(problems, f"data of {params.path or 'params'} (splits {params.data.train_split}, "
+                                     f"{params.data.val_split})")
+    if error is not None:
+        raise error
 
 
 def reproduce(args) -> None:
@@ -132,6 +149,16 @@ def seeds(args) -> None:
         print(f"{stage} seeds: {pipeline_seeds(params, stage).dir}")
 
 
+def sams(args) -> None:
+    """Refine another method's CAMs (CLIP-ES .npy dicts or .npz files, one per image) with SAMS: palette-PNG
+    pseudo-labels and summary.json in --out (masks computed or reused; one process)."""
+    _one_process("sams")
+    params = _params(args)
+    summary = refine_cam_files(params, args.cams, args.cam_format, args.out, split=args.split,
+                               bg_power=args.bg_power, key=args.cam_key)
+    print(json.dumps(summary, default=str))
+
+
 def stage2(args) -> None:
     """Train a Detectron2 segmenter on a label set (default: the ground truth), then evaluate it on val."""
     params = _params(args)
@@ -186,6 +213,32 @@ def _masks_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="recompute images already cached")
 
 
+def parse_bg_power(text: str) -> float | str:
+    """'auto' or a positive number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--bg-power {text!r}: expected auto or a number > 0, e.g. 0.6")
+    return value
+
+
+def _sams_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cams", required=True, help="folder of CAM files, one <image id>.npy / .npz per image")
+    p.add_argument("--cam-format", required=True, choices=("clip-es", "npz"),
+                   help="clip-es: CLIP-ES's np.save'd dicts (keys 0-based, attn_highres); npz: labels (K,) "
+                        "1-based class ids + cams (K, h, w) (fmalib/stages/cam_files.py)")
+    p.add_argument("--cam-key", default="attn_highres", choices=("attn_highres", "highres"),
+                   help="clip-es: which maps of the dict (default: %(default)s)")
+    p.add_argument("--split", default=None, help="dataset split (default: data.train_split)")
+    p.add_argument("--bg-power", type=parse_bg_power, default="auto",
+                   help="SAMS background power p: auto (chosen without ground truth) or a number (default: auto)")
+    p.add_argument("--out", required=True, help="folder for the <image id>.png pseudo-labels and summary.json")
+
+
 def _reproduce_options(p: argparse.ArgumentParser) -> None:
     _out(p)
     p.add_argument("--force", action="store_true", help="rerun notebooks whose executed copy is current")
@@ -194,7 +247,8 @@ def _reproduce_options(p: argparse.ArgumentParser) -> None:
 # name -> (function, extra options)
 COMMANDS = {
     "data": (data, None), "foundation": (foundation, None), "masks": (masks, _masks_options),
-    "prompts": (prompts, None), "seeds": (seeds, None), "stage2": (stage2, _stage2_options),
+    "prompts": (prompts, None), "seeds": (seeds, None), "sams": (sams, _sams_options),
+    "stage2": (stage2, _stage2_options),
     "reproduce": (reproduce, _reproduce_options), "report": (report, _out),
 }
 
