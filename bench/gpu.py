@@ -174,7 +174,7 @@ def stage2_section(device, dry: bool, iters: int, warm_up: int) -> dict:
         sync()
         if it >= warm_up:
             times.append(time.perf_counter() - t0)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     out = {"model": f"{s2['model']} R{s2['backbone_depth']}", "crop": crop, "batch": b, "amp_fp16": amp,
            "norm": cfg.MODEL.RESNETS.NORM, "iters_timed": iters, "warm_up": warm_up,
            "s_per_iter": sum(times) / len(times), "s_per_iter_min": min(times), "loss_last": losses[-1],

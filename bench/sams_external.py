@@ -79,8 +79,9 @@ def compare_labels(dataset, dir_a: Path, dir_b: Path) -> dict:
 
 
 # --- mask generators' speed -----------------------------------------------------------------------------------
-def time_generator(generator, images) -> dict:
-    generator.generate(images[0])  # warm-up
+def time_generator(generator, images, warm_up: bool = True) -> dict:
+    if warm_up:
+        generator.generate(images[0])
     t0 = time.perf_counter()
     results = [generator.generate(img) for img in images]
     elapsed = time.perf_counter() - t0
@@ -136,34 +137,36 @@ def main(argv=None) -> None:
     # 3. SAM vs SAM 2 mask generators, s/image on CPU
     images = [dataset[j]["image"] for j in range(min(args.timing_images, len(dataset)))]
     timing = {"toy": {}, "large": {}}
-    timing["toy"]["sam_tiny_trained"] = time_generator(build_mask_generator(params, load_sam_from_params(params,
-                                                                                                         "cpu")), images)
+    trained = load_sam_from_params(params, "cpu")
+    timing["toy"]["sam_tiny_trained"] = time_generator(build_mask_generator(params, trained), images)
+    # random init: every threshold 0, so that the random models' masks survive and both do the same work
+    zero = load_params(dict(params), {"masks.pred_iou_thresh": 0.0, "masks.stability_score_thresh": 0.0})
     torch.manual_seed(0)
-    timing["toy"]["sam_tiny_random"] = time_generator(build_mask_generator(params, load_sam("fmalib_tiny")), images)
+    timing["toy"]["sam_tiny_random"] = time_generator(build_mask_generator(zero, load_sam("fmalib_tiny")), images)
     have_sam2 = importlib.util.find_spec("sam2") is not None
     out["sam2_installed"] = have_sam2
-    large = [generate_sample(0, 10_000 + i, (375, 500)).image for i in range(args.large_images)]
     if have_sam2:
-        p2 = load_params(dict(params), {"masks.generator": "sam2"})
         torch.manual_seed(0)
-        timing["toy"]["sam2_hiera_t_random_128px"] = time_generator(build_mask_generator(p2), images)
-    if large:
-        zero = {"masks.pred_iou_thresh": 0.0, "masks.stability_score_thresh": 0.0, "masks.points_per_side": 8,
-                "masks.crop_n_layers": 0}
-        pz = load_params(dict(params), zero)
+        timing["toy"]["sam2_hiera_t_random_128px"] = time_generator(
+            build_mask_generator(load_params(dict(zero), {"masks.generator": "sam2"})), images)
+    timing["toy"]["settings"] = ("params/toy.yaml masks (12x12 points, no crops); the random-init runs with "
+                                 "pred_iou_thresh = stability_score_thresh = 0")
+    large = [generate_sample(0, 10_000 + i, (375, 500)).image for i in range(args.large_images)]
+    if large:  # no warm-up: a 1024 px encoder pass dominates
+        pz = load_params(dict(zero), {"masks.points_per_side": 8, "masks.crop_n_layers": 0})
         torch.manual_seed(0)
         timing["large"]["sam_vit_b_random_1024px"] = time_generator(build_mask_generator(pz, load_sam("vit_b")),
-                                                                    large)
+                                                                    large, warm_up=False)
         if have_sam2:
             torch.manual_seed(0)
             pz2 = load_params(dict(pz), {"masks.generator": "sam2"})
             timing["large"]["sam2_hiera_t_random_1024px"] = time_generator(
-                build_mask_generator(pz2, load_sam2("sam2.1_hiera_t", None, 1024)), large)
-        timing["large"]["settings"] = "8x8 points, every threshold 0 (random masks survive), no crops"
+                build_mask_generator(pz2, load_sam2("sam2.1_hiera_t", None, 1024)), large, warm_up=False)
+        timing["large"]["settings"] = "8x8 points, every threshold 0 (random masks survive), no crops, no warm-up"
     timing["note"] = ("random weights measure speed only; mask quality needs real weights (SAM 2: "
                       "sam2.1_hiera_*.pt, SAM: sam_vit_*.pth)")
     out["mask_generators_cpu"] = timing
-    print(write_bench("sams_external", out))
+    write_bench("sams_external", out)
 
 
 if __name__ == "__main__":
