@@ -87,3 +87,17 @@ def test_each_subcommand_has_its_own_flags_and_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["masks", "--shard", "2/2"])
     assert exc.value.code == 2 and "0 <= i < n" in capsys.readouterr().err
+
+
+def test_prompt_augmentation_bounds_extreme_aspect_ratios(monkeypatch):
+    import fmalib.stages.prompt_data as pd_mod
+
+    sizes, resize = [], pd_mod.TF.resize
+    monkeypatch.setattr(pd_mod.TF, "resize", lambda x, size, **kw: sizes.append(tuple(size)) or resize(x, size, **kw))
+    cfg = {"crop_size": 32, "long_side": [40, 60], "color_jitter": [0, 0, 0, 0], "flip": False}
+    x, y = pd_mod.augment(np.zeros((1, 3000, 3), np.uint8), np.zeros((1, 3000), np.uint8), np.random.default_rng(0), cfg)
+    assert x.shape == (3, 32, 32) and y.shape == (32, 32)
+    assert max(sizes[0]) == 4 * 60 and min(sizes[0]) == 32  # not 32 x 96,000
+    sizes.clear()
+    pd_mod.augment(np.zeros((30, 40, 3), np.uint8), None, np.random.default_rng(0), cfg)
+    assert 40 <= max(sizes[0]) <= 60 and min(sizes[0]) >= 32  # an ordinary image is untouched by the cap

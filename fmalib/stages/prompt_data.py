@@ -64,6 +64,9 @@ def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generato
     x = color_jitter(x, rng, cfg["color_jitter"]).clamp(0, 1)
     h, w = image.shape[:2]
     scale = max(rng.integers(lo, hi + 1) / max(h, w), crop / min(h, w))
+    # an extreme aspect ratio (1 x 3000 px) would ask for a 224 x 672,000 tensor: cap the long side at 4x the
+    # range's top; the short side is then stretched to the crop (nh, nw >= crop below)
+    scale = min(scale, 4 * max(hi, crop) / max(h, w))
     nh, nw = max(crop, int(round(h * scale))), max(crop, int(round(w * scale)))
     x = TF.resize(x, [nh, nw], interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
     y = None
