@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmalib.core.params import load_params, repo_root
+from fmalib.core.params import load_params, repo_relative, repo_root
 from fmalib.data import open_dataset
 from fmalib.data.labels import read_label_png
 from fmalib.data.synthetic import generate_sample
@@ -96,7 +96,19 @@ def main(argv=None) -> None:
     ap.add_argument("--timing-images", type=int, default=8, help="toy images per generator timing")
     ap.add_argument("--large-images", type=int, default=1, help="500x375 images for ViT-B vs Hiera-t at 1024 px")
     ap.add_argument("--workdir", default="work/bench-sams-external", help="data root and caches (deleted first)")
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="only write the train split's hand-prompt CAMs of --params (with --fast) as CLIP-ES files "
+                         "into DIR, for `python -m fmalib sams` (README: Refine your own CAMs with SAMS)")
+    ap.add_argument("--params", default="params/toy.yaml", help="with --export")
+    ap.add_argument("--fast", action="store_true", help="with --export: the params file's fast: overrides")
     args = ap.parse_args(argv)
+    if args.export:
+        params = load_params(args.params, load_params(args.params).fast if args.fast else None)
+        split = params["data"]["train_split"]
+        out_dir = write_clip_es_cams(run_cam_stage(params, split, "hand"), open_dataset(params, split),
+                                     Path(args.export), bool(params["cam"]["use_caa"]), highres=True)
+        print(f"CLIP-ES CAM files of {split}: {out_dir}")
+        return
     torch.set_num_threads(1)  # one thread: faster than two on a shared 2-core machine (bench/masks.py)
     work = Path(args.workdir) if Path(args.workdir).is_absolute() else repo_root() / args.workdir
     shutil.rmtree(work, ignore_errors=True)
@@ -127,7 +139,7 @@ def main(argv=None) -> None:
         summary = refine_cam_files(params, files, "clip-es", work / f"seeds_clip_es_{form}", split, "auto")
         out[f"clip_es_{form}"] = {"bg_power": summary["bg_power"], "fallback_images": summary["fallback_images"],
                                   "seed_miou": summary["seed_miou"], "masks_cache_reused":
-                                  summary["masks_cache"] == str(masks.dir),
+                                  summary["masks_cache"] == repo_relative(masks.dir),
                                   **compare_labels(dataset, direct.dir, work / f"seeds_clip_es_{form}")}
     grid = out["clip_es_grid"]
     assert grid["equal_images"] == len(dataset) and grid["bg_power"] == direct.bg_power, \

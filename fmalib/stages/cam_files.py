@@ -36,6 +36,7 @@ import numpy as np
 
 from ..core.cache import atomic_write_text, files_fingerprint, stable_hash, strict_json
 from ..core.errors import FmalibError
+from ..core.params import repo_relative
 from ..data import open_dataset
 from ..method.metrics import mean_iou
 from .masks import run_mask_stage
@@ -210,12 +211,12 @@ def refine_cam_files(params, cams_dir: str | Path, fmt: str, out_dir: str | Path
     except FmalibError as exc:  # a split without ground-truth masks: no mIoU
         miou, gt_note = None, f"no ground truth: {exc}"
     summary = {"split": split, "n_images": len(dataset), "cam_format": fmt, "cam_key": key if fmt == "clip-es"
-               else None, "cams": str(cams_dir), "mask_generator": params["masks"]["generator"],
-               "masks_cache": str(masks.dir), "bg_power": seeds.bg_power,
+               else None, "cams": repo_relative(cams_dir), "mask_generator": params["masks"]["generator"],
+               "masks_cache": repo_relative(masks.dir), "bg_power": seeds.bg_power,
                "bg_power_rule": "fixed" if seeds.power_table is None else
                "auto: fmalib.method.sams.choose_bg_power (no ground truth)",
                "fallback_images": seeds.fallback_images, "seed_miou": miou, "seed_miou_against": gt_note,
-               "seeds_cache": str(seeds.dir), "out": str(out)}
+               "seeds_cache": repo_relative(seeds.dir), "out": repo_relative(out)}
     atomic_write_text(out / "summary.json", strict_json(summary, indent=1))
     log.info("SAMS on %s CAMs of %s: %d pseudo-labels in %s (p = %.3g, seed mIoU %s)", fmt, split, len(dataset),
              out, seeds.bg_power, "n/a" if miou is None else f"{100 * miou:.1f}")
