@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -48,8 +49,8 @@ def _notebook_source(path: Path) -> list:
 def _drop_repo_prefix(path: Path) -> None:
     """Make the executed copy's paths repo-relative (log lines and reprs print absolute cache paths)."""
     root = str(repo_root().resolve())
-    text = path.read_text()
-    atomic_write_text(path, text.replace(root + "/", "").replace(root, "."))
+    text = path.read_text().replace(root + "/", "").replace(root, ".")
+    atomic_write_text(path, re.sub(r"/tmp/ipykernel_\d+/\d+\.py", "<notebook cell>", text))  # warnings' cell files
 
 
 def run_notebooks(params_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
