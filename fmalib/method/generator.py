@@ -72,13 +72,14 @@ def nms_score(iou: torch.Tensor, levels: torch.Tensor, whole_bonus: float) -> to
     return iou + whole_bonus * (levels == WHOLE).to(iou.dtype)
 
 
-def _box_nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
+def box_nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
     """Indices kept by class-agnostic box NMS, in generation (index) order — not torchvision's score order."""
+    boxes, scores = torch.as_tensor(boxes), torch.as_tensor(scores)  # SAM 2's MaskData may hold arrays
     keep = batched_nms(boxes.float(), scores.float(), torch.zeros(len(boxes), device=boxes.device), thresh)
     return torch.sort(keep).values
 
 
-def _per_mask(runs: MaskRuns) -> list[MaskRuns]:
+def per_mask(runs: MaskRuns) -> list[MaskRuns]:
     """N masks' runs -> N one-mask ``MaskRuns``: a list, which ``MaskData.filter`` / ``cat`` carry along."""
     o = runs.offsets.tolist()
     return [MaskRuns(runs.height, runs.width, runs.starts[a:b], runs.ends[a:b], np.array([0, b - a], np.int64))
@@ -150,11 +151,11 @@ class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
             data.cat(self._process_batch(batch, crop_size, crop_box, orig_size))
         self.predictor.reset_image()
         score = nms_score(data["iou_preds"], data["levels"], self.cfg["whole_nms_bonus"])
-        data.filter(_box_nms(data["boxes"], score, self.box_nms_thresh))
+        data.filter(box_nms(data["boxes"], score, self.box_nms_thresh))
         n = len(data["levels"])
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["crop_boxes"] = torch.tensor([crop_box], device=data["boxes"].device).repeat(n, 1)
-        data["runs"] = _per_mask(bool_to_runs(uncrop_masks(data["masks"], crop_box, *orig_size)))
+        data["runs"] = per_mask(bool_to_runs(uncrop_masks(data["masks"], crop_box, *orig_size)))
         del data["masks"]
         data["order"] = torch.arange(self._n_generated, self._n_generated + n)
         self._n_generated += n
@@ -210,9 +211,9 @@ class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
         masks = torch.from_numpy(dense)
         nonempty = masks.flatten(1).any(1).numpy()
         boxes = batched_mask_to_box(masks)
-        keep = _box_nms(boxes, torch.from_numpy(unchanged).float(), nms_thresh).numpy()
+        keep = box_nms(boxes, torch.from_numpy(unchanged).float(), nms_thresh).numpy()
         keep = keep[nonempty[keep]]
         mask_data.filter(torch.as_tensor(keep))
-        mask_data["runs"] = _per_mask(MaskRuns.from_bool(dense[keep]))
+        mask_data["runs"] = per_mask(MaskRuns.from_bool(dense[keep]))
         mask_data["boxes"] = boxes[keep].numpy()
         return mask_data

@@ -31,27 +31,12 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from torchvision.ops.boxes import batched_nms
 
 from ..core.errors import FmalibError
-from .generator import MASK_KEYS, nms_score, passes_pred_iou, remove_small_regions
+from .generator import MASK_KEYS, box_nms, nms_score, passes_pred_iou, per_mask, remove_small_regions
 from .masks import MaskSet, bool_to_runs, concat_runs
 from .overlap import overlap_filter
 from .rle import MaskRuns
-
-
-def _box_nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
-    """Indices kept by class-agnostic box NMS, in generation (index) order."""
-    boxes, scores = torch.as_tensor(boxes), torch.as_tensor(scores)
-    keep = batched_nms(boxes.float(), scores.float(), torch.zeros(len(boxes), device=boxes.device), thresh)
-    return torch.sort(keep).values
-
-
-def _per_mask(runs: MaskRuns) -> list[MaskRuns]:
-    """N masks' runs -> a list of N one-mask ``MaskRuns`` (a list field travels through ``MaskData``)."""
-    o = runs.offsets.tolist()
-    return [MaskRuns(runs.height, runs.width, runs.starts[a:b], runs.ends[a:b], np.array([0, b - a], np.int64))
-            for a, b in zip(o[:-1], o[1:])]
 
 
 def _check_image(image) -> np.ndarray:
@@ -132,11 +117,11 @@ def sam2_generator_class() -> type:
                 data.cat(self._process_batch(batch, crop_size, crop_box, orig_size, normalize=True))
             self.predictor.reset_predictor()
             score = nms_score(data["iou_preds"], data["levels"], self.cfg["whole_nms_bonus"])
-            data.filter(_box_nms(data["boxes"], score, self.box_nms_thresh))
+            data.filter(box_nms(data["boxes"], score, self.box_nms_thresh))
             n = len(data["levels"])
             data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
             data["crop_boxes"] = torch.tensor([crop_box], device=data["boxes"].device).repeat(n, 1)
-            data["runs"] = _per_mask(bool_to_runs(uncrop_masks(data["masks"], crop_box, *orig_size)))
+            data["runs"] = per_mask(bool_to_runs(uncrop_masks(data["masks"], crop_box, *orig_size)))
             del data["masks"]
             data["order"] = torch.arange(self._n_generated, self._n_generated + n)
             self._n_generated += n
@@ -184,10 +169,10 @@ def sam2_generator_class() -> type:
             masks = torch.from_numpy(dense)
             nonempty = masks.flatten(1).any(1).numpy()
             boxes = batched_mask_to_box(masks)
-            keep = _box_nms(boxes, torch.from_numpy(unchanged).float(), nms_thresh).numpy()
+            keep = box_nms(boxes, torch.from_numpy(unchanged).float(), nms_thresh).numpy()
             keep = keep[nonempty[keep]]
             mask_data.filter(torch.as_tensor(keep))
-            mask_data["runs"] = _per_mask(MaskRuns.from_bool(dense[keep]))
+            mask_data["runs"] = per_mask(MaskRuns.from_bool(dense[keep]))
             mask_data["boxes"] = boxes[keep].numpy()
             return mask_data
 
