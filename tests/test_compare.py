@@ -46,3 +46,17 @@ def test_settings_table_has_both_columns(tmp_path):
     assert row["toy settings: holds"] == "holds" and row["paper settings: holds"] == "does NOT hold"
     assert row["paper settings: first"] == pytest.approx(0.3)
     assert table.loc["fine seeds > coarse seeds (train)", "toy settings: holds"] == "not run"
+
+
+def test_variants_apply_their_overrides_and_an_unknown_one_is_named():
+    from fmalib.core.errors import FmalibError
+    from fmalib.core.params import with_variant
+
+    toy = load_params("params/toy.yaml", {"workdir": "/tmp/elsewhere"})
+    assert "first_tiny_clip" in toy.variants
+    first = with_variant(toy, "first_tiny_clip")
+    for key, value in toy.variants.first_tiny_clip.items():
+        assert first.get_dotted(key) == value
+    assert first.clip.model != toy.clip.model and first.workdir == "/tmp/elsewhere" and first.path == toy.path
+    with pytest.raises(FmalibError, match=r"toy.yaml: no variant 'nope' under variants \(defined: first_tiny_clip"):
+        with_variant(toy, "nope")

@@ -54,6 +54,10 @@ def test_vit_b16_random_init_roundtrip(tmp_path):
     assert C.patch_size(loaded) == 16
     out = C.encode_image_tokens(loaded, torch.randn(1, 3, 64, 96), attn_last_k=8)
     assert out.grid == (4, 6) and out.patch_embed.shape == (1, 4, 6, 512) and len(out.attn) == 8
+    # ViT-B-16 pools the class token (pool_type tok): open_clip's image embedding is out.class_embed
+    x = torch.randn(1, 3, 224, 224)  # open_clip's own forward needs the 14x14 grid it was built for
+    torch.testing.assert_close(C.encode_image_tokens(loaded, x).class_embed.float(),
+                               loaded.encode_image(x).float(), atol=2e-3, rtol=2e-3)
 
 
 def test_wrong_or_truncated_checkpoint_names_the_key(tmp_path):

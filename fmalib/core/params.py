@@ -132,6 +132,9 @@ SCHEMA: dict[str, Any] = {
     "paper_settings": dict,
     # dotted-key overrides applied in fast mode (notebook tests, smoke runs): a tiny slice, few iterations
     "fast": dict,
+    # named sets of dotted-key overrides kept for comparison (toy: the first tiny CLIP's recipe and weights);
+    # ``with_variant(params, name)``, ``--variant name`` of the pretraining and bench scripts
+    "variants": dict,
 }
 
 
@@ -473,3 +476,14 @@ def load_params(source: str | os.PathLike | Mapping, overrides: Mapping[str, Any
     params = _wrap(tree)
     params.path = path
     return params
+
+
+def with_variant(params: Params, name: str) -> Params:
+    """``params`` with the dotted overrides of ``variants.<name>`` applied (validated like any params)."""
+    variants = params["variants"]
+    if name not in variants or not isinstance(variants[name], Mapping):
+        raise FmalibError(f"{params.path or 'params'}: no variant {name!r} under variants (defined: "
+                          f"{', '.join(variants) or 'none'})")
+    out = load_params(params.to_dict(), dict(variants[name]))
+    out.path = params.path
+    return out

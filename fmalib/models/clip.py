@@ -43,6 +43,11 @@ TINY_CLIP = "fmalib-tiny-clip"
 open_clip.add_model_config(CONFIG_DIR)
 
 
+def packaged_configs() -> list[str]:
+    """Names of the model configs fmalib ships (its tiny CLIPs), sorted."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
 @dataclass
 class VisualOut:
     """What ``encode_image_tokens`` returns (shapes for a batch of B images on an h×w patch grid)."""
@@ -50,6 +55,7 @@ class VisualOut:
     block_input: torch.Tensor  # (B, 1+h*w, W) tokens entering the last block; requires grad when grad is on
     patch_embed: torch.Tensor  # (B, h, w, D) patch tokens after ln_post + proj
     image_embed: torch.Tensor  # (B, D) mean of patch_embed (METHOD §1), not normalised
+    class_embed: torch.Tensor  # (B, D) the class token after ln_post + proj (what CLS-pooled CLIPs train on)
     attn: list  # last k blocks' attention (B, 1+h*w, 1+h*w), head-averaged, oldest first
     grid: tuple  # (h, w)
 
@@ -451,12 +457,12 @@ def encode_image_tokens(model, images: torch.Tensor, attn_last_k: int = 0) -> Vi
         else:
             x = blk(x)
 
-    tokens = v.ln_post(x[:, 1:])
+    tokens = v.ln_post(x)
     if v.proj is not None:
         tokens = tokens @ v.proj
-    patch_embed = tokens.reshape(B, h, w, -1)
-    return VisualOut(block_input=block_input, patch_embed=patch_embed, image_embed=tokens.mean(dim=1),
-                     attn=attn, grid=(h, w))
+    patch_embed = tokens[:, 1:].reshape(B, h, w, -1)
+    return VisualOut(block_input=block_input, patch_embed=patch_embed, image_embed=tokens[:, 1:].mean(dim=1),
+                     class_embed=tokens[:, 0], attn=attn, grid=(h, w))
 
 
 GRADCAM_TARGETS = ("ln1_out", "block_input")
@@ -478,6 +484,23 @@ def last_block_embed(model, block_input: torch.Tensor, ln1_out: torch.Tensor | N
     if v.proj is not None:
         tokens = tokens @ v.proj
     return tokens.mean(dim=1)
+
+
+def last_block_value_tokens(model, block_input: torch.Tensor) -> torch.Tensor:
+    """(B, h*w, D) each patch's value path through the last block: ``ln_1``, the attention's value and output
+    projections, ``ln_post``, ``proj`` (no query-key mixing, no MLP; MaskCLIP's dense readout). This is what a
+    Grad-CAM at the last block's ``ln_1`` output weighs patch by patch: its gradient reaches a patch only through
+    these projections."""
+    v = model.visual
+    blk = v.transformer.resblocks[-1]
+    attn = blk.attn
+    if not isinstance(attn, torch.nn.MultiheadAttention) or attn.in_proj_weight is None:
+        raise FmalibError("last_block_value_tokens needs an open_clip block with a packed nn.MultiheadAttention")
+    width = attn.embed_dim
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * width:]
+    values = F.linear(blk.ln_1(block_input[:, 1:]), attn.in_proj_weight[2 * width:], bias)
+    tokens = v.ln_post(blk.ls_1(attn.out_proj(values)))
+    return tokens @ v.proj if v.proj is not None else tokens
 
 
 def encode_text_embeddings(model, token_embeds: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from ..core.cache import atomic_save_npz, atomic_write_bytes, load_npz, stable_h
 from ..core.device import seed_everything
 from ..core.errors import FmalibError
 from ..core.label_ids import IGNORE
-from ..core.params import Params, load_params, repo_root, validate
+from ..core.params import Params, load_params, repo_root, validate, with_variant
 from ..data.synthetic import (CLASS_NAMES, GENERATOR_VERSION, STUFF_NAMES, check_outside_splits, generate_sample,
                               make_caption, sample_ids, sample_size, split_sizes)
 from ..models import clip as C
@@ -62,7 +62,9 @@ PRETRAIN_SCHEMA: dict[str, Any] = {
     "lr": float,
     "weight_decay": float,
     "warmup_steps": int,
-    "patch_loss": str,  # dense | mil | none
+    "patch_loss": str,  # dense | mil | mil_value | none
+    "pool": str,  # image embedding the caption / concept losses train: patch_mean | class_token | both
+    "concept_templates": [str],  # prompt templates of the concept loss (never the study's hand template)
     "caption_weight": float,
     "concept_weight": float,
     "patch_weight": float,
@@ -72,10 +74,9 @@ PRETRAIN_SCHEMA: dict[str, Any] = {
     "fp16": bool,  # save in half precision (7.8 M params: 15.6 MB instead of 31)
     "eval": {"n_images": int},  # val images the quality numbers use
 }
-PATCH_LOSSES = ("dense", "mil", "none")
+PATCH_LOSSES = ("dense", "mil", "mil_value", "none")
+POOLS = ("patch_mean", "class_token", "both")
 
-CONCEPT_TEMPLATES = ("a {}.", "a photo of a {}.", "a clean origami {}.", "a picture of the {}.", "{}",
-                     "there is a {} here.", "a small {}.", "an image with a {}.")
 CAPTION_TEMPLATES = ("{}", "a photo of {}.", "a picture with {}.", "an image of {}.", "{} in the scene.")
 
 
@@ -84,13 +85,22 @@ def pretrain_config(params: Params) -> dict:
     where = str(params.path or "params")
     if params["data"]["kind"] != "synthetic":
         raise FmalibError(f"{where}: CLIP pretraining needs data.kind: synthetic (got {params['data']['kind']!r})")
-    if params["clip"]["model"] != C.TINY_CLIP:
-        raise FmalibError(f"{where}: CLIP pretraining trains clip.model {C.TINY_CLIP}, not {params['clip']['model']!r}")
+    if params["clip"]["model"] not in C.packaged_configs():
+        raise FmalibError(f"{where}: CLIP pretraining trains one of fmalib's packaged configs "
+                          f"({', '.join(C.packaged_configs())}) as clip.model, not {params['clip']['model']!r}")
     cfg = params["foundation"]["clip"]
     validate(cfg, PRETRAIN_SCHEMA, where, "foundation.clip.")
     check_outside_splits(cfg["pool_offset"], cfg["pool_size"], split_sizes(params), f"{where}: foundation.clip.pool_offset")
     if cfg["patch_loss"] not in PATCH_LOSSES:
         raise FmalibError(f"{where}: foundation.clip.patch_loss is {cfg['patch_loss']!r}; expected one of {PATCH_LOSSES}")
+    if cfg["pool"] not in POOLS:
+        raise FmalibError(f"{where}: foundation.clip.pool is {cfg['pool']!r}; expected one of {POOLS}")
+    if not cfg["concept_templates"] or any("{}" not in t for t in cfg["concept_templates"]):
+        raise FmalibError(f"{where}: foundation.clip.concept_templates must be a non-empty list of templates "
+                          f"with a {{}} for the concept name")
+    if params["prompts"]["hand_template"] in cfg["concept_templates"]:  # the first tiny CLIP's recipe did this
+        log.warning("%s: foundation.clip.concept_templates holds the study's hand template %r: the hand-prompt "
+                    "baseline is then a pretraining template", where, params["prompts"]["hand_template"])
     return dict(cfg)
 
 
@@ -181,7 +191,7 @@ def object_caption(objects: np.ndarray) -> str:
     return make_caption([int(c) for c in objects if c > 0])
 
 
-def make_batch(pool: dict, step: int, seed: int, batch_size: int, mean, std) -> dict:
+def make_batch(pool: dict, step: int, seed: int, batch_size: int, mean, std, templates: Sequence[str]) -> dict:
     """The batch of ``step``: a size bucket (∝ its count), images, flips and templates from (seed, step)."""
     rng = np.random.default_rng([seed, step, 7])
     sizes = list(pool)
@@ -200,8 +210,8 @@ def make_batch(pool: dict, step: int, seed: int, batch_size: int, mean, std) -> 
                 for o, t in zip(objects, rng.integers(len(CAPTION_TEMPLATES), size=len(idx)))]
     sets = [frozenset(int(c) for c in o if c > 0) for o in objects]
     same = torch.tensor([[a == b for b in sets] for a in sets], dtype=torch.float32)
-    prompts = [CONCEPT_TEMPLATES[t].format(n)
-               for n, t in zip(concept_names(), rng.integers(len(CONCEPT_TEMPLATES), size=len(concept_names())))]
+    prompts = [templates[t].format(n)
+               for n, t in zip(concept_names(), rng.integers(len(templates), size=len(concept_names())))]
     return {"x": x, "frac": torch.from_numpy(frac), "concepts": torch.from_numpy(bucket["concepts"][idx]).float(),
             "captions": captions, "same": same, "prompts": prompts}
 
@@ -217,32 +227,41 @@ class Heads(torch.nn.Module):
         self.patch = torch.nn.Parameter(torch.tensor([math.log(10.0), 0.0]))
 
 
-def step_losses(model, heads: Heads, tokenizer, batch: dict, patch_loss: str) -> dict:
+def step_losses(model, heads: Heads, tokenizer, batch: dict, patch_loss: str, pool: str = "patch_mean") -> dict:
+    """The batch's losses. ``pool``: the image embedding(s) the caption and concept losses train — the patch
+    mean the method scores with, the class token (as ViT-B/16 was trained: its last blocks' attention must
+    then carry the class evidence from the patches, which is where the ln_1 Grad-CAM target looks), or the
+    mean of both losses."""
     out = C.encode_image_tokens(model, batch["x"])
     tokens = out.patch_embed.flatten(1, 2)  # (B, N, D)
-    img = F.normalize(out.image_embed, dim=-1)
     text = F.normalize(model.encode_text(tokenizer(batch["captions"] + batch["prompts"])), dim=-1)
     cap, con = text[: len(batch["captions"])], text[len(batch["captions"]):]
-
     scale = model.logit_scale.exp().clamp(max=100)
-    logits = scale * img @ cap.T
     target = batch["same"] / batch["same"].sum(1, keepdim=True)  # same object set = positive
-    caption = 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean())
-
     y = batch["concepts"]
-    z = heads.concept[0].exp() * img @ con.T + heads.concept[1]
-    concept = F.binary_cross_entropy_with_logits(z, y)
-
-    losses = {"caption": caption, "concept": concept}
-    if patch_loss != "none":
+    embeds = {"patch_mean": [out.image_embed], "class_token": [out.class_embed],
+              "both": [out.image_embed, out.class_embed]}[pool]
+    caption = concept = 0.0
+    for emb in embeds:
+        img = F.normalize(emb, dim=-1)
+        logits = scale * img @ cap.T
+        caption = caption + 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean()
+                                   - (target * logits.T.log_softmax(1)).sum(1).mean())
+        z = heads.concept[0].exp() * img @ con.T + heads.concept[1]
+        concept = concept + F.binary_cross_entropy_with_logits(z, y)
+    losses = {"caption": caption / len(embeds), "concept": concept / len(embeds)}
+    if patch_loss == "dense":
         zp = heads.patch[0].exp() * F.normalize(tokens, dim=-1) @ con.T  # (B, N, K)
-        if patch_loss == "dense":
-            frac = batch["frac"].flatten(1, 2)
-            valid = frac.sum(-1) > 0
-            losses["patch"] = -(frac * zp.log_softmax(-1)).sum(-1)[valid].mean()
-        else:  # mil: some patch is each present concept, no patch is an absent one
-            q = zp.softmax(-1).amax(1).clamp(1e-6, 1 - 1e-6)
-            losses["patch"] = F.binary_cross_entropy(q, y)
+        frac = batch["frac"].flatten(1, 2)
+        valid = frac.sum(-1) > 0
+        losses["patch"] = -(frac * zp.log_softmax(-1)).sum(-1)[valid].mean()
+    elif patch_loss in ("mil", "mil_value"):
+        # image labels only: some patch is each present concept, no patch is an absent one. mil_value also asks
+        # it of the last block's value path (the tokens a Grad-CAM at its ln_1 output weighs)
+        sets = [tokens] + ([C.last_block_value_tokens(model, out.block_input)] if patch_loss == "mil_value" else [])
+        losses["patch"] = sum(F.binary_cross_entropy(
+            (heads.patch[0].exp() * F.normalize(t, dim=-1) @ con.T).softmax(-1).amax(1).clamp(1e-6, 1 - 1e-6), y)
+            for t in sets) / len(sets)
     return losses
 
 
@@ -286,11 +305,12 @@ def evaluate(model, tokenizer, params: Params, val: tuple) -> dict:
     model.eval()
     try:
         zs = zero_shot_map(model, tokenizer, val[0], val[1], names)
-        cam = cam_peak_hit_rate(model, tokenizer, val[0], val[1], val[2], names, bg)
+        cam = cam_peak_hit_rate(model, tokenizer, val[0], val[1], val[2], names, bg)  # the original's ln1_out
+        residual = cam_peak_hit_rate(model, tokenizer, val[0], val[1], val[2], names, bg, target_layer="block_input")
     finally:
         model.train(was)
     return {"map": zs["map"], "ap": zs["ap"], "hit_rate": cam["hit_rate"], "hit_chance": cam["chance"],
-            "hit_per_class": cam["per_class"], "n_images": len(val[0])}
+            "hit_per_class": cam["per_class"], "hit_rate_block_input": residual["hit_rate"], "n_images": len(val[0])}
 
 
 def pretrain_clip(params: Params, steps: int | None = None, output: str | None = None, evaluate_end: bool = True,
@@ -302,17 +322,19 @@ def pretrain_clip(params: Params, steps: int | None = None, output: str | None =
     out_path = Path(output or cfg["output"])
     out_path = out_path if out_path.is_absolute() else repo_root() / out_path
     run_key = stable_hash({k: v for k, v in cfg.items() if k not in ("output", "checkpoint_every_s", "eval_every", "eval")}
-                          | {"data": params["data"]["synthetic"], "templates": [CONCEPT_TEMPLATES, CAPTION_TEMPLATES]})
+                          | {"data": params["data"]["synthetic"], "templates": CAPTION_TEMPLATES,
+                             "model": params["clip"]["model"]})
     cache_dir = params.resolve_path("workdir") / "foundation_clip"
     run_dir = cache_dir / run_key
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
 
     seed_everything(cfg["seed"])
-    model = C.build_clip(C.TINY_CLIP)
+    torch.set_flush_denormal(True)  # measured: denormal values made steps 2.2x slower from about step 100 on
+    model = C.build_clip(params["clip"]["model"])
     model.train()
     heads = Heads()
-    tokenizer = C.get_tokenizer(C.TINY_CLIP)
+    tokenizer = C.get_tokenizer(params["clip"]["model"])
     mean, std = C.image_normalization(model)
     opt = torch.optim.AdamW(param_groups(model, heads, cfg["weight_decay"]), lr=cfg["lr"], betas=(0.9, 0.98), eps=1e-6)
     start, history, train_s = 0, [], 0.0
@@ -341,10 +363,10 @@ def pretrain_clip(params: Params, steps: int | None = None, output: str | None =
     bar = tqdm(range(start, cfg["steps"]), initial=start, total=cfg["steps"], desc="clip pretrain")
     for step in bar:
         ts = time.time()
-        batch = make_batch(pool, step, cfg["seed"], cfg["batch_size"], mean, std)
+        batch = make_batch(pool, step, cfg["seed"], cfg["batch_size"], mean, std, cfg["concept_templates"])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        losses = step_losses(model, heads, tokenizer, batch, cfg["patch_loss"])
+        losses = step_losses(model, heads, tokenizer, batch, cfg["patch_loss"], cfg["pool"])
         total = (cfg["caption_weight"] * losses["caption"] + cfg["concept_weight"] * losses["concept"]
                  + cfg["patch_weight"] * losses.get("patch", torch.zeros(())))
         opt.zero_grad(set_to_none=True)
@@ -362,8 +384,10 @@ def pretrain_clip(params: Params, steps: int | None = None, output: str | None =
         done = step + 1
         if cfg["eval_every"] and done % cfg["eval_every"] == 0 and done < cfg["steps"]:
             q = evaluate(model, tokenizer, params, quick_val)
-            history.append({"step": done, "map": q["map"], "hit_rate": q["hit_rate"], "train_s": train_s})
-            log.info("eval step %d (%d val images): mAP %.3f hit %.3f", done, q["n_images"], q["map"], q["hit_rate"])
+            history.append({"step": done, "map": q["map"], "hit_rate": q["hit_rate"],
+                            "hit_rate_block_input": q["hit_rate_block_input"], "train_s": train_s})
+            log.info("eval step %d (%d val images): mAP %.3f hit %.3f (block_input %.3f)", done, q["n_images"],
+                     q["map"], q["hit_rate"], q["hit_rate_block_input"])
         if time.time() - last_ckpt > cfg["checkpoint_every_s"] and done < cfg["steps"]:
             save_checkpoint(done)
             last_ckpt = time.time()
@@ -379,7 +403,7 @@ def pretrain_clip(params: Params, steps: int | None = None, output: str | None =
               "img_per_s": cfg["steps"] * cfg["batch_size"] / max(train_s, 1e-9), "history": history,
               "threads": torch.get_num_threads()}
     if evaluate_end:
-        loaded = C.load_clip(C.TINY_CLIP, out_path)  # what users get: the file through open_clip's loader
+        loaded = C.load_clip(params["clip"]["model"], out_path)  # what users get: the file through open_clip's loader
         report["val"] = evaluate(loaded, tokenizer, params, val)
         log.info("val (%d images): mAP %.3f, CAM peak hit %.3f (chance %.3f)", report["val"]["n_images"],
                  report["val"]["map"], report["val"]["hit_rate"], report["val"]["hit_chance"])
@@ -395,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--no-eval", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the CPU is shared)")
     ap.add_argument("--workers", type=int, default=1, help="processes generating the image pool")
+    ap.add_argument("--variant", default=None, help="apply the params' variants.<name> first (e.g. first_tiny_clip)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=YAML",
                     help="dotted params override, e.g. foundation.clip.patch_loss=mil")
     args = ap.parse_args(argv)
@@ -402,7 +427,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.override)}
-    report = pretrain_clip(load_params(args.params, overrides), args.steps, args.output,
+    params = load_params(args.params)
+    if args.variant:
+        params = with_variant(params, args.variant)
+    if overrides:
+        path, params = params.path, load_params(params.to_dict(), overrides)
+        params.path = path
+    report = pretrain_clip(params, args.steps, args.output,
                            evaluate_end=not args.no_eval, workers=args.workers)
     print(json.dumps(report, indent=1))
     return report
