@@ -4,7 +4,7 @@ Each set is one ``fmalib.study.compare.settings_column`` (prompt training, CAMs,
 with ``--stage2``), on the params' own data and models, stages cached by what changes their result. The
 default sets are the toy's chosen settings, the paper's (``paper_settings``), and each of the paper's
 settings alone on top of the toy's, so every departure's cost or gain is measured separately.
-    python bench/settings.py [--params params/toy.yaml] [--fast] [--stage2] [--only NAME ...]
+    python bench/settings.py [--params params/toy.yaml] [--fast] [--stage2] [--only NAME ...] [--extra KEY=YAML ...]
 Writes reports/bench/settings.json (settings-fast.json with --fast): per set its overrides and numbers.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import time
 
 import torch
+import yaml
 
 import fmalib.study
 from fmalib.core.params import load_params
@@ -20,11 +21,12 @@ from fmalib.study.compare import orderings, paper_params, settings_column
 from fmalib.study.results import write_bench
 
 
-def override_sets(params) -> dict[str, dict]:
-    """{name: overrides}: the toy's own, the paper's, and each paper setting alone."""
+def override_sets(params, extra: dict | None = None) -> dict[str, dict]:
+    """{name: overrides}: the toy's own, the paper's (when they differ), each paper setting alone, and each
+    ``extra`` setting alone (e.g. a departure the toy no longer takes, to show what it would give)."""
     paper = dict(params["paper_settings"])
-    sets = {"toy": {}, "paper": paper}
-    for key, value in paper.items():
+    sets = {"toy": {}, **({"paper": paper} if paper else {})}
+    for key, value in {**paper, **(extra or {})}.items():
         sets[f"toy + {key}={value}"] = {key: value}
     return sets
 
@@ -36,11 +38,14 @@ def main() -> None:
     ap.add_argument("--stage2", action="store_true", help="also train and evaluate stage 2 per set")
     ap.add_argument("--only", nargs="*", default=None, help="run only these set names")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--extra", action="append", default=[], metavar="KEY=YAML",
+                    help="also run the toy with this one setting changed, e.g. prompts.seg.lr=1.0")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = fmalib.study.setup(args.params, fast=args.fast)
     res: dict = {"params": args.params, "fast": args.fast, "threads": args.threads, "sets": {}}
-    for name, overrides in override_sets(base).items():
+    extra = {k: yaml.safe_load(v) for k, v in (e.split("=", 1) for e in args.extra)}
+    for name, overrides in override_sets(base, extra).items():
         if args.only and name not in args.only:
             continue
         params = paper_params(base) if name == "paper" else load_params(base.to_dict(), overrides)

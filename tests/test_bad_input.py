@@ -388,9 +388,9 @@ def test_stages_with_an_image_without_classes_and_a_tiny_image(tmp_path, caplog)
 # --- 3. params range-checked on load ------------------------------------------------------------------------------
 def test_yaml_float_pitfall_names_file_and_key(tmp_path):
     text = open("params/toy.yaml").read()
-    assert text.count("    lr: 1.0e-3") == 1
+    assert text.index("    lr: 1.0e-3") < text.index("  seg:")  # the first one is prompts.cls.lr
     bad = tmp_path / "mine.yaml"
-    bad.write_text(text.replace("    lr: 1.0e-3", "    lr: 1e-3"))
+    bad.write_text(text.replace("    lr: 1.0e-3", "    lr: 1e-3", 1))
     with pytest.raises(FmalibError) as exc:
         load_params(bad)
     assert str(exc.value) == (f"{bad}: key prompts.cls.lr is the string '1e-3', not a number: write 1.0e-3 "

@@ -108,9 +108,11 @@ def test_cams_follow_their_prompt_rows_when_classes_are_permuted(tiny):
     perm = [2, 0, 1]  # new row k holds old class perm[k]: old 1 -> new 2, old 3 -> new 1
     moved = torch.cat([text[perm], text[3:]])
     out = image_cams(model, moved, 3, img, [1, 2], CFG, 0.4)  # new ids of old classes 3 and 1
-    for key in ("cam", "cam_caa"):
-        assert np.allclose(out[key][0], base[key][1], atol=1e-5)  # old class 3 = new class 1
-        assert np.allclose(out[key][1], base[key][0], atol=1e-5)  # old class 1 = new class 2
+    # CAA's matrix products sum the permuted softmax in another order: ~1e-4 (measured 1.2e-4) where the CAMs
+    # themselves agree to ~4e-7; the maps of different classes differ by far more (last assert)
+    for key, atol in (("cam", 1e-5), ("cam_caa", 1e-3)):
+        assert np.allclose(out[key][0], base[key][1], atol=atol)  # old class 3 = new class 1
+        assert np.allclose(out[key][1], base[key][0], atol=atol)  # old class 1 = new class 2
     assert not np.allclose(base["cam"][0], base["cam"][1], atol=1e-3)  # the classes' maps differ at all
 
 

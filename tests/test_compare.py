@@ -8,16 +8,18 @@ from fmalib.study.results import record
 
 
 def test_paper_params_apply_only_the_listed_departures():
-    toy = load_params("params/toy.yaml", {"workdir": "/tmp/elsewhere"})
+    departures = {"cam.target_layer": "block_input", "prompts.seg.lr": 0.5}  # params that depart, and say where
+    toy = load_params("params/toy.yaml", {"workdir": "/tmp/elsewhere", "cam.target_layer": "ln1_out",
+                                          "paper_settings": departures})
     paper = paper_params(toy)
-    assert dict(toy.paper_settings)  # the toy departs somewhere, and says where
+    assert dict(toy.paper_settings) == departures
     for key, value in toy.paper_settings.items():
         assert paper.get_dotted(key) == value
     changed = {k for k in toy.paper_settings if toy.get_dotted(k) != paper.get_dotted(k)}
     assert changed  # at least one departure is a real difference
     assert paper.workdir == "/tmp/elsewhere" and paper.path == toy.path  # earlier overrides are kept
     assert paper.prompts.seg.init_std == toy.prompts.seg.init_std
-    for name in ("voc", "coco"):  # the real params are the paper's: nothing to apply
+    for name in ("voc", "coco", "toy"):  # the real params are the paper's, and so is the toy now: nothing to apply
         assert dict(load_params(f"params/{name}.yaml").paper_settings) == {}
 
 

@@ -1,26 +1,29 @@
-"""Pretrain the tiny CLIP (``fmalib-tiny-clip``) on generated images of the synthetic benchmark.
+"""Pretrain a tiny CLIP (``clip.model``: one of fmalib's packaged configs) on generated images of the benchmark.
 
 What the method needs from CLIP is (1) hand-prompt scores that rank images by class and (2) patch tokens
-that localise classes (Grad-CAM at the last block's input). A plain caption-contrastive run on 2 CPU cores
-learns the background textures and not the shapes (DESIGN "What a CPU can pretrain"), so the recipe
-adds, on the same images and the same text tower:
+that localise classes where the original's Grad-CAM looks: the output of the last block's ``ln_1``. A plain
+caption-contrastive run on 2 CPU cores learns the background textures and not the shapes (DESIGN "What a CPU
+can pretrain"), so the recipe adds, on the same images and the same text tower:
 
 - **caption InfoNCE**: image ↔ caption naming the objects only (``"two stars and a boat"``, no stuff
   words), random caption template; images with the same object set are all positives (multi-positive
   targets), so the batch's negatives differ only in their objects — the hard negatives.
 - **concept sigmoid loss** (SigLIP-style, multi-positive): image embedding vs one prompt per concept (6
-  object classes + 6 stuff names, random template each step); targets from the caption's concept set.
-  Trains exactly what zero-shot scoring reads, stuff included so bg prompts mean something.
-- **patch loss** on the projected patch tokens vs the same concept prompts: ``dense`` = soft per-patch
-  concept fractions from the generator's masks (a supervised warm-up of the image tower, from a pool of
-  generated images disjoint from the benchmark's train/val index space); ``mil`` = image labels only,
-  per-patch softmax over concepts, max over patches vs the concept set.
+  object classes + 6 stuff names, a random one of ``concept_templates`` each step, never the study's hand
+  template); targets from the caption's concept set, stuff included so bg prompts mean something.
+- **patch loss** vs the same concept prompts: ``mil_value`` (the default) and ``mil`` use image labels only —
+  per-patch softmax over concepts, max over patches vs the concept set — on the projected patch tokens and,
+  for ``mil_value``, also on the last block's value path (``models.clip.last_block_value_tokens``): a Grad-CAM at
+  ``ln_1``'s output reaches a patch only through that path, so this trains the property the method reads.
+  ``dense`` (the first tiny CLIP's, params ``variants.first_tiny_clip``) = soft per-patch concept fractions from
+  the generator's masks: supervision no real CLIP had; its localisation lived in the residual stream.
 
-The image embedding is METHOD §1's mean of projected patch tokens (the config's ``pool_type: avg``, so
-open_clip's own ``encode_image`` equals it). Images come from a fixed pool drawn once, bucketed by size
-(the benchmark's 112–128 px, multiples of 8); a step's batch, flips and templates are a function of
-(seed, step) only, so resuming from a checkpoint gives the same bytes as a straight run.
-``python -m fmalib.pretrain.clip --params params/toy.yaml``.
+``pool`` picks the embedding the caption and concept losses train: METHOD §1's mean of projected patch tokens
+(``patch_mean``; the configs' ``pool_type: avg``, so open_clip's own ``encode_image`` equals it), the class
+token (ViT-B/16's own pretraining) or both. Images come from a fixed pool drawn once (indices outside the
+benchmark's splits), bucketed by size (the benchmark's 112–128 px, multiples of 8); a step's batch, flips and
+templates are a function of (seed, step) only, so resuming from a checkpoint gives the same bytes as a straight
+run. ``python -m fmalib.pretrain.clip --params params/toy.yaml [--variant first_tiny_clip]``.
 """
 from __future__ import annotations
 
