@@ -19,7 +19,7 @@ def test_paper_params_apply_only_the_listed_departures():
     assert changed  # at least one departure is a real difference
     assert paper.workdir == "/tmp/elsewhere" and paper.path == toy.path  # earlier overrides are kept
     assert paper.prompts.seg.init_std == toy.prompts.seg.init_std
-    for name in ("voc", "coco", "toy"):  # the real params are the paper's, and so is the toy now: nothing to apply
+    for name in ("voc", "coco"):  # the real params are the paper's: nothing to apply
         assert dict(load_params(f"params/{name}.yaml").paper_settings) == {}
 
 
