@@ -67,14 +67,14 @@ PRETRAIN_SCHEMA: dict[str, Any] = {
     "warmup_steps": int,
     "patch_loss": str,  # dense | mil | mil_value | none
     "pool": str,  # image embedding the caption / concept losses train: patch_mean | class_token | both
-    "concept_templates": [str],  # prompt templates of the concept loss (never the study's hand template)
+    "concept_templates": [str],  # prompt templates of the concept loss (a warning if the study's hand template is one)
     "caption_weight": float,
     "concept_weight": float,
     "patch_weight": float,
     "checkpoint_every_s": int,  # wall-clock seconds between resumable checkpoints
     "eval_every": int,  # steps between quick val evaluations (0: only at the end)
     "output": str,  # the shipped weights, e.g. assets/tiny_clip.pt
-    "fp16": bool,  # save in half precision (7.8 M params: 15.6 MB instead of 31)
+    "fp16": bool,  # save in half precision (half the bytes of fp32)
     "eval": {"n_images": int},  # val images the quality numbers use
 }
 PATCH_LOSSES = ("dense", "mil", "mil_value", "none")
