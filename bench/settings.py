@@ -13,10 +13,10 @@ import argparse
 import time
 
 import torch
-import yaml
 
 import fmalib.study
 from fmalib.core.params import load_params
+from fmalib.study.cli import parse_overrides
 from fmalib.study.compare import orderings, paper_params, settings_column
 from fmalib.study.results import write_bench
 
@@ -44,8 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = fmalib.study.setup(args.params, fast=args.fast)
     res: dict = {"params": args.params, "fast": args.fast, "threads": args.threads, "sets": {}}
-    extra = {k: yaml.safe_load(v) for k, v in (e.split("=", 1) for e in args.extra)}
-    for name, overrides in override_sets(base, extra).items():
+    for name, overrides in override_sets(base, parse_overrides(args.extra, "--extra")).items():
         if args.only and name not in args.only:
             continue
         params = paper_params(base) if name == "paper" else load_params(base.to_dict(), overrides)

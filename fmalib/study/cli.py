@@ -40,12 +40,12 @@ def parse_shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/8") from None
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``--set key=value`` items -> {dotted key: YAML-parsed value}."""
+def parse_overrides(items: list[str], flag: str = "--set") -> dict:
+    """``--set key=value`` items (or another ``flag``'s) -> {dotted key: YAML-parsed value}."""
     out = {}
     for item in items:
         if "=" not in item:
-            raise FmalibError(f"--set {item!r}: expected KEY=VALUE")
+            raise FmalibError(f"{flag} {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         out[key] = yaml.safe_load(value)
     return out
