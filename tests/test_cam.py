@@ -1,4 +1,6 @@
 """Grad-CAM on CLIP, CAA refinement, the CAM stage cache and CAM-argmax seeds."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,30 @@ def test_run_cam_stage_caches_shards_and_resumes(tmp_path):
         run_cam_stage(params, "val", "cls", progress=False)
     with pytest.raises(FmalibError, match="shard"):
         run_cam_stage(params, "val", "hand", shard=(2, 2), progress=False)
+
+
+def test_argmax_seed_miou_is_kept_beside_the_cams_and_reused(tmp_path):
+    from fmalib.data import open_dataset
+    from fmalib.stages.cams import argmax_seed_miou, cached_items
+
+    params = load_params("params/toy.yaml", {
+        "workdir": str(tmp_path / "work"), "data.root": str(tmp_path / "data"), "clip.checkpoint": None,
+        "data.synthetic.n_train": 4, "data.synthetic.n_val": 3, "cam.bg_thresholds": [0.2, 0.5, 0.8]})
+    first = argmax_seed_miou(params, "hand")
+    train = run_cam_stage(params, "train", "hand", progress=False)
+    (memo,) = train.dir.glob("argmax_eval-*.json")
+    # an independent sweep over the cached maps: the threshold is the train argmax, the number val's
+    ds = {s: open_dataset(params, s) for s in ("train", "val")}
+    val = run_cam_stage(params, "val", "hand", progress=False)
+    for caa in (False, True):
+        t_tab = bg_threshold_sweep(cached_items(train, ds["train"], caa), [0.2, 0.5, 0.8], 7)
+        v_tab = bg_threshold_sweep(cached_items(val, ds["val"], caa), [0.2, 0.5, 0.8], 7)
+        best = max(t_tab, key=lambda k: (np.nan_to_num(t_tab[k], nan=-1.0), -k))
+        got = first["caa" if caa else "no_caa"]
+        assert got["bg_threshold"] == best
+        assert got["val_miou"] == pytest.approx(v_tab[best])
+    memo.write_text(memo.read_text().replace('"bg_threshold"', '"bg_threshold_x"', 1))
+    assert "bg_threshold_x" in json.dumps(argmax_seed_miou(params, "hand"))  # read back, not recomputed
+    other = load_params(params.to_dict(), {"cam.bg_thresholds": [0.3, 0.6]})
+    argmax_seed_miou(other, "hand")
+    assert len(list(train.dir.glob("argmax_eval-*.json"))) == 2  # other thresholds: another result

@@ -219,8 +219,9 @@ class _Images:
 
     def __init__(self, n: int):
         rng = np.random.default_rng(0)
-        self.items = [{"image": rng.integers(0, 256, (64, 48, 3), dtype=np.uint8), "labels": [1 + j % 3]}
-                      for j in range(n)]
+        # two input sizes, interleaved: classification_map batches by size and must keep the item order
+        self.items = [{"image": rng.integers(0, 256, ((64, 48) if j % 3 else (48, 64)) + (3,), dtype=np.uint8),
+                       "labels": [1 + j % 3]} for j in range(n)]
 
     def __len__(self):
         return len(self.items)

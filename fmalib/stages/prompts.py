@@ -243,6 +243,9 @@ def load_context(prompts: PromptSet, path: str | os.PathLike) -> PromptSet:
     return prompts
 
 
+SCORE_BATCH = 32  # images per forward in classification_map
+
+
 @torch.no_grad()
 def classification_map(model, prompts: PromptSet, dataset, limit: int | None = None, progress: bool = True) -> dict:
     """Multi-label classification AP over a split (METHOD §1 image embedding), two scorings per class k:
@@ -257,12 +260,24 @@ def classification_map(model, prompts: PromptSet, dataset, limit: int | None = N
     text = prompts()
     scale = C.logit_scale(model).float()
     n = len(dataset) if limit is None else min(int(limit), len(dataset))
-    scores, labels = [], []
+    scores, labels, pending = [None] * n, [None] * n, {}
+
+    def score(batch: list) -> None:  # images of one input size in one forward (per-op overhead dominates)
+        x = torch.cat([inp for _, inp in batch])
+        emb = F.normalize(C.encode_image_tokens(model, x).image_embed.float(), dim=-1)
+        for (j, _), row in zip(batch, (emb @ text.T).cpu()):
+            scores[j] = row
+
     for j in tqdm(range(n), desc="classification AP", disable=not progress, leave=False):
         item = dataset[j]
-        emb = F.normalize(C.encode_image_tokens(model, C.to_input(model, item["image"])).image_embed.float(), dim=-1)
-        scores.append((emb @ text.T)[0].cpu())
-        labels.append(item["labels"])
+        labels[j] = item["labels"]
+        inp = C.to_input(model, item["image"])
+        group = pending.setdefault(tuple(inp.shape), [])
+        group.append((j, inp))
+        if len(group) == SCORE_BATCH:
+            score(pending.pop(tuple(inp.shape)))
+    for group in pending.values():
+        score(group)
     cos = torch.stack(scores)
     fg = cos[:, : prompts.n_fg]
     vs_bg = scale * fg - torch.logsumexp(scale * cos[:, prompts.n_fg:], 1, keepdim=True) if prompts.n_bg else fg
