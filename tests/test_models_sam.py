@@ -133,7 +133,9 @@ def test_pretraining_images_stay_outside_the_splits(params):
     """The frozen SAM must never see the study's own train/val images."""
     cfg = pt.pretrain_config(params)
     assert cfg["index_offset"] >= 1_000_000 + params["data"]["synthetic"]["n_val"]
-    for offset in (0, 795, 1_000_000 + 299):  # train starts at 0, val at 1,000,000 (4 steps × 1 image)
+    syn = params["data"]["synthetic"]
+    # train starts at 0, val at 1,000,000; 4 steps × 1 image from each offset reach into the split
+    for offset in (0, syn["n_train"] - 3, 1_000_000 + syn["n_val"] - 1):
         bad = load_params("params/toy.yaml", {"foundation.sam.index_offset": offset, "foundation.sam.steps": 4,
                                               "foundation.sam.batch_size": 1})
         with pytest.raises(FmalibError, match="foundation.sam.index_offset.*overlap the (train|val) split"):

@@ -267,6 +267,22 @@ def test_evaluate_segmenter_matches_and_caches(params, trained, tmp_path):
     assert np.array_equal(again["confusion"], res["confusion"])
 
 
+def test_crf_options_from_one_pass_equal_separate_evaluations(params, trained, tmp_path):
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("eval"))
+    both = seg_eval.evaluate_segmenter_crf_options(params, run, "val", (False, True), scales=[1.0, 1.25], flip=True)
+    assert [r["crf_applied"] for r in both] == [False, seg_eval.crf_available()]
+    for crf, res in zip((False, True), both):
+        alone = seg_eval.evaluate_segmenter(params, run, "val", scales=[1.0, 1.25], flip=True, crf=crf, force=True)
+        np.testing.assert_array_equal(res["confusion"], alone["confusion"])
+        assert res["d2_miou"] == pytest.approx(alone["d2_miou"], abs=1e-12)
+    cached = sorted((run / "eval").glob("*.json"))
+    assert len(cached) == (2 if seg_eval.crf_available() else 1)
+    with pytest.raises(FmalibError, match="one CRF option"):
+        seg_eval.evaluate_segmenter_crf_options(params, run, "val", (False, True), save_predictions=tmp_path)
+
+
 def test_tta_probabilities(params, trained):
     out, _ = trained
     seg = seg_eval.load_segmenter(params, out, scales=[0.75, 1.0, 1.25], flip=True)

@@ -9,8 +9,10 @@ Importing this package does not import Detectron2; the functions do, through ``c
 (install: ``make install`` / ``tools/install_detectron2.sh``). Command line: ``python -m fmalib stage2``.
 """
 from .compat import detectron2_available, ensure_detectron2
-from .evaluate import Segmenter, crf_available, dense_crf, evaluate_labels, evaluate_segmenter, load_segmenter
+from .evaluate import (Segmenter, crf_available, dense_crf, evaluate_labels, evaluate_segmenter,
+                       evaluate_segmenter_crf_options, load_segmenter)
 from .train import read_metrics, run_dir, train_segmenter
 
 __all__ = ["detectron2_available", "ensure_detectron2", "Segmenter", "crf_available", "dense_crf",
-           "evaluate_labels", "evaluate_segmenter", "load_segmenter", "read_metrics", "run_dir", "train_segmenter"]
+           "evaluate_labels", "evaluate_segmenter", "evaluate_segmenter_crf_options", "load_segmenter",
+           "read_metrics", "run_dir", "train_segmenter"]

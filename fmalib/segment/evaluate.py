@@ -94,6 +94,14 @@ class Segmenter:
 
     def probs(self, image: np.ndarray) -> np.ndarray:
         """Softmax probabilities (K, H, W) of an RGB uint8 image under the test-time procedure."""
+        return self.refine(image, self.tta_probs(image))
+
+    def refine(self, image: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """The dense CRF on ``tta_probs``' output, if this segmenter has one (else ``probs`` itself)."""
+        return dense_crf(image, probs, self.crf) if self.crf is not None else probs
+
+    def tta_probs(self, image: np.ndarray) -> np.ndarray:
+        """Softmax probabilities averaged over the scales and flips, before any CRF."""
         torch = self._torch
 
         h, w = image.shape[:2]
@@ -110,10 +118,7 @@ class Segmenter:
                     p = p.flip(-1) if flipped else p
                     total = p if total is None else total + p
                     n += 1
-        out = (total / n).cpu().numpy()
-        if self.crf is not None:
-            out = dense_crf(image, out, self.crf)
-        return out
+        return (total / n).cpu().numpy()
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         return self.probs(image).argmax(0).astype(np.uint8)
@@ -145,9 +150,13 @@ def load_segmenter(params, model_dir: str | os.PathLike, device: str | None = No
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(weights))
     test = params["stage2"]["test"]
-    use_crf = test["crf"] if crf is None else crf
     return Segmenter(model, cfg.INPUT.FORMAT, test["scales"] if scales is None else scales,
-                     test["flip"] if flip is None else flip, params["stage2"]["crf"] if use_crf else None)
+                     test["flip"] if flip is None else flip, _crf_settings(params, crf))
+
+
+def _crf_settings(params, crf: bool | None) -> Mapping | None:
+    """``params.stage2.crf`` if the CRF is on (``crf``, or ``stage2.test.crf`` when None), else None."""
+    return params["stage2"]["crf"] if (params["stage2"]["test"]["crf"] if crf is None else crf) else None
 
 
 def _evaluator_class():
@@ -176,7 +185,40 @@ def _evaluator_class():
         def evaluate(self):
             return {"fmalib": {"confusion": self.meter.matrix}}
 
-    return ConfusionEvaluator
+    class OneOutput(DatasetEvaluator):
+        """``inner`` fed output ``key`` of a multi-output model as its "sem_seg"; its results under ``key``."""
+
+        def __init__(self, inner, key: str):
+            self.inner, self.key = inner, key
+
+        def reset(self):
+            self.inner.reset()
+
+        def process(self, inputs, outputs):
+            self.inner.process(inputs, [{"sem_seg": out[self.key]} for out in outputs])
+
+        def evaluate(self):
+            return {self.key: self.inner.evaluate()}
+
+    return ConfusionEvaluator, OneOutput
+
+
+class _SharedPass:
+    """The Detectron2 model of one inference pass for several segmenters that differ only in their CRF: the
+    test-time-augmented probabilities are computed once per image, each segmenter refines them (output
+    ``sem_seg<i>``)."""
+
+    def __init__(self, segmenters: Sequence[Segmenter]):
+        self.segmenters = list(segmenters)
+
+    def __call__(self, batched_inputs: list[dict]) -> list[dict]:
+        first, outs = self.segmenters[0], []
+        for inp in batched_inputs:
+            img = inp["image"].permute(1, 2, 0).cpu().numpy()
+            img = np.ascontiguousarray(img[:, :, ::-1] if first.input_format == "BGR" else img)
+            probs = first.tta_probs(img)
+            outs.append({f"sem_seg{i}": torch.from_numpy(s.refine(img, probs)) for i, s in enumerate(self.segmenters)})
+        return outs
 
 
 def evaluate_segmenter(params, model_dir: str | os.PathLike, split: str | None = None, *,
@@ -190,46 +232,74 @@ def evaluate_segmenter(params, model_dir: str | os.PathLike, split: str | None =
     Returns ``{"miou", "d2_miou", "confusion" (K, K, rows = gt), "table" (per-class IoU DataFrame),
     "d2" (SemSegEvaluator's dict), "split", "n_images", "crf_applied", "scales", "flip"}``.
     """
+    return evaluate_segmenter_crf_options(params, model_dir, split, (crf,), label_dir=label_dir, scales=scales,
+                                          flip=flip, save_predictions=save_predictions, device=device,
+                                          force=force)[0]
+
+
+def evaluate_segmenter_crf_options(params, model_dir: str | os.PathLike, split: str | None = None,
+                                   crf_options: Sequence[bool | None] = (False, True), *,
+                                   label_dir: str | os.PathLike | None = None, scales=None, flip=None,
+                                   save_predictions: str | os.PathLike | None = None, device: str | None = None,
+                                   force: bool = False) -> list[dict]:
+    """``evaluate_segmenter`` once per CRF option (``crf`` of each: False, True or None = params'), from one
+    inference pass: the multi-scale + flip probabilities of an image are computed once and each option
+    refines them (or not). One result per option, in order, each cached exactly as ``evaluate_segmenter``
+    caches it."""
     ensure_detectron2()
     from detectron2.data import DatasetCatalog, build_detection_test_loader
     from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator, inference_on_dataset
 
-
     params = _as_params(params)
     split = split or params["data"]["val_split"]
     model_dir = Path(model_dir)
-    segmenter = load_segmenter(params, model_dir, device, scales=scales, flip=flip, crf=crf)
+    if save_predictions is not None and len(crf_options) != 1:
+        raise FmalibError(f"save_predictions={save_predictions}: one CRF option at a time (got {list(crf_options)})")
+    first = load_segmenter(params, model_dir, device, scales=scales, flip=flip, crf=crf_options[0])
+    segmenters = [first] + [Segmenter(first.model, first.input_format, first.scales, first.flip,
+                                      _crf_settings(params, c)) for c in crf_options[1:]]
     weights = model_dir / "model_final.pth"
-    key = {"split": split, "labels": dir_fingerprint(label_dir) if label_dir else "gt",
-           "scales": segmenter.scales, "flip": segmenter.flip, "crf": segmenter.crf,
-           "weights": file_fingerprint(weights), "data": split_key(params, split)}
-    cache = model_dir / "eval" / f"{split}-{stable_hash(key, 12)}"
     names = class_names_with_background(params)
-    if not force and save_predictions is None and (cache.with_suffix(".json")).is_file():
-        log.info("stage 2: evaluation of %s on %s cached in %s", model_dir, split, cache)
-        return _result(json.loads(cache.with_suffix(".json").read_text()),
-                       load_npz(cache.with_suffix(".npz"))["confusion"], names)
+    caches = [model_dir / "eval" / f"{split}-{stable_hash(key, 12)}" for key in (
+        {"split": split, "labels": dir_fingerprint(label_dir) if label_dir else "gt", "scales": s.scales,
+         "flip": s.flip, "crf": s.crf, "weights": file_fingerprint(weights), "data": split_key(params, split)}
+        for s in segmenters)]
+    results: list[dict | None] = [None] * len(segmenters)
+    for i, cache in enumerate(caches):
+        if not force and save_predictions is None and cache.with_suffix(".json").is_file():
+            log.info("stage 2: evaluation of %s on %s cached in %s", model_dir, split, cache)
+            results[i] = _result(json.loads(cache.with_suffix(".json").read_text()),
+                                 load_npz(cache.with_suffix(".npz"))["confusion"], names)
+    todo = [i for i, r in enumerate(results) if r is None]
+    if not todo:
+        return results
 
     quiet_detectron2_logs()
     name = register_pseudo(params, label_dir, split) if label_dir else register_gt(params, split)
     records = DatasetCatalog.get(name)
-    mapper = SemSegMapper(is_train=False, input_format=segmenter.input_format)
+    mapper = SemSegMapper(is_train=False, input_format=first.input_format)
     loader = build_detection_test_loader(records, mapper=mapper, num_workers=params["stage2"]["num_workers"])
     save_dir = Path(save_predictions) if save_predictions else None
-    evaluator = DatasetEvaluators([SemSegEvaluator(name, distributed=False),
-                                   _evaluator_class()(records, len(names), save_dir)])
+    confusion_evaluator, one_output = _evaluator_class()
+    evaluator = DatasetEvaluators([one_output(DatasetEvaluators([
+        SemSegEvaluator(name, distributed=False), confusion_evaluator(records, len(names), save_dir)]), f"sem_seg{j}")
+        for j in range(len(todo))])
     log.info("stage 2: evaluating %s on %s (%d images, scales %s, flip %s, CRF %s)", model_dir, split, len(records),
-             list(segmenter.scales), segmenter.flip, segmenter.crf_applied)
-    res = inference_on_dataset(segmenter, loader, evaluator)
-    conf = res.pop("fmalib")["confusion"]
-    summary = {"split": split, "n_images": len(records), "miou": mean_iou(conf),
-               "d2_miou": res["sem_seg"]["mIoU"] / 100,
-               "d2": {k: float(v) for k, v in res["sem_seg"].items()}, "crf_applied": segmenter.crf_applied,
-               "scales": list(segmenter.scales), "flip": segmenter.flip}
-    atomic_save_npz(cache.with_suffix(".npz"), confusion=conf)
-    atomic_write_text(cache.with_suffix(".json"), strict_json(summary, indent=1))
-    log.info("stage 2: %s mIoU %.4f (Detectron2: %.4f) -> %s", split, summary["miou"], summary["d2_miou"], cache)
-    return _result(summary, conf, names)
+             list(first.scales), first.flip, " / ".join(str(segmenters[i].crf_applied) for i in todo))
+    res = inference_on_dataset(_SharedPass([segmenters[i] for i in todo]), loader, evaluator)
+    for j, i in enumerate(todo):
+        out = res[f"sem_seg{j}"]
+        conf = out.pop("fmalib")["confusion"]
+        summary = {"split": split, "n_images": len(records), "miou": mean_iou(conf),
+                   "d2_miou": out["sem_seg"]["mIoU"] / 100,
+                   "d2": {k: float(v) for k, v in out["sem_seg"].items()}, "crf_applied": segmenters[i].crf_applied,
+                   "scales": list(first.scales), "flip": first.flip}
+        atomic_save_npz(caches[i].with_suffix(".npz"), confusion=conf)
+        atomic_write_text(caches[i].with_suffix(".json"), strict_json(summary, indent=1))
+        log.info("stage 2: %s mIoU %.4f (Detectron2: %.4f), CRF %s -> %s", split, summary["miou"], summary["d2_miou"],
+                 segmenters[i].crf_applied, caches[i])
+        results[i] = _result(summary, conf, names)
+    return results
 
 
 def _result(summary: dict, conf: np.ndarray, names: list[str]) -> dict:

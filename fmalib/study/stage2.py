@@ -13,7 +13,7 @@ import pandas as pd
 from ..core.errors import FmalibError
 from ..core.params import repo_root
 from ..data import open_dataset
-from ..segment.evaluate import crf_available, evaluate_segmenter, load_segmenter
+from ..segment.evaluate import crf_available, evaluate_segmenter, evaluate_segmenter_crf_options, load_segmenter
 from ..segment.train import read_metrics
 from .results import result
 from .viz import image_grid, overlay
@@ -62,14 +62,13 @@ def loss_curves(runs: Mapping[str, str | os.PathLike]):
 def tta_variants(params, run: str | os.PathLike, split: str | None = None,
                  scales=(0.75, 1.0, 1.25)) -> pd.DataFrame:
     """mIoU of one trained model under single-scale, multi-scale + flip, and (if installed) + dense CRF."""
-    variants = [("single", "single scale", [1.0], False, False),
-                ("tta", "multi-scale + flip", list(scales), True, False)]
-    if crf_available():
-        variants.append(("tta_crf", "multi-scale + flip + CRF", list(scales), True, True))
-    rows = []
-    for key, name, sc, flip, crf in variants:
-        res = evaluate_segmenter(params, run, split, scales=sc, flip=flip, crf=crf)
-        rows.append({"key": key, "inference": name, "mIoU": res["miou"], "Detectron2 mIoU": res["d2_miou"]})
+    single = evaluate_segmenter(params, run, split, scales=[1.0], flip=False, crf=False)
+    # with and without CRF from one multi-scale + flip pass (the CRF refines the same probabilities)
+    tta = evaluate_segmenter_crf_options(params, run, split, (False, True) if crf_available() else (False,),
+                                         scales=list(scales), flip=True)
+    names = [("single", "single scale"), ("tta", "multi-scale + flip"), ("tta_crf", "multi-scale + flip + CRF")]
+    rows = [{"key": key, "inference": name, "mIoU": res["miou"], "Detectron2 mIoU": res["d2_miou"]}
+            for (key, name), res in zip(names, [single, *tta])]
     if not crf_available():
         rows.append({"key": "tta_crf", "inference": "+ CRF: skipped (pydensecrf2 not installed)", "mIoU": np.nan,
                      "Detectron2 mIoU": np.nan})
