@@ -83,7 +83,7 @@ def test_stage_cache_resumes_after_interruption(tmp_path):
     calls = []
 
     def run(ids, fail_at=None):
-        cache = StageCache(tmp_path, "cams", {"p": 1})
+        cache = StageCache(tmp_path, "cams", {"p": 1}, code="fmalib.stages.cams")
         for i in ids:
             if cache.has(i):
                 continue
@@ -98,7 +98,7 @@ def test_stage_cache_resumes_after_interruption(tmp_path):
     cache = run(["1", "2", "3", "4"])
     assert calls == ["1", "2", "3", "4"]  # 1 and 2 were not recomputed
     assert cache.done_ids() == {"1", "2", "3", "4"}
-    assert StageCache(tmp_path, "cams", {"p": 2}).dir != cache.dir  # other params, other directory
+    assert StageCache(tmp_path, "cams", {"p": 2}, code="fmalib.stages.cams").dir != cache.dir  # other params, other directory
     assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
 
 

@@ -52,7 +52,7 @@ def test_torchrun_masks_equal_one_process_byte_for_byte(tmp_path, one_thread, ca
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     log = run.stdout + run.stderr
-    assert "shard 0/2: 2 images" in log and "shard 1/2: 2 images" in log  # each rank did its half
+    assert "shard 0/2: computing 2 of 2" in log and "shard 1/2: computing 2 of 2" in log  # each rank did its half
     two = sorted((tmp_path / "two" / "masks").iterdir())
     assert [d.name for d in two] == [d.name for d in one]  # the same cache key
     assert _digests(two[0]) == _digests(one[0])

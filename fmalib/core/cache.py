@@ -1,7 +1,8 @@
 """Atomic writes and a content-addressed, resumable stage cache.
 
-A stage's cache directory is ``root/stage/<key>`` where ``key`` hashes the stage's inputs and params
-together with the code version, so changing either starts a fresh directory and never mixes results.
+A stage's cache directory is ``root/stage/<key>`` where ``key`` hashes the stage's inputs, the params that
+change its result and the code that computes it (``fmalib.core.code_key``: the source of the stage's module
+and everything it imports), so changing any of them starts a fresh directory and never mixes results.
 Every file lands by rename, so an interrupted run leaves finished items intact and nothing half-written:
 rerunning skips what ``has()`` reports done.
 """
@@ -21,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from .. import __version__
+from .code_key import changed_modules, code_manifest
 from .errors import FmalibError
 
 log = logging.getLogger(__name__)
@@ -174,18 +175,30 @@ def dir_fingerprint(path: str | os.PathLike, pattern: str = "*.png") -> str:
 
 
 class StageCache:
-    """Per-item results of one stage, keyed by (stage inputs + params + code version)."""
+    """Per-item results of one stage, keyed by (stage inputs + params + the code of module ``code``).
 
-    def __init__(self, root: str | os.PathLike, stage: str, key_obj: Any, code_version: str = __version__):
+    ``reason`` says why the directory is new (None when it existed): which key parts differ from the
+    stage's most recent other cache, so a log line can say what a recomputation answers."""
+
+    def __init__(self, root: str | os.PathLike, stage: str, key_obj: Any, code: str):
         self.stage = stage
-        self.key = stable_hash({"key": key_obj, "code": code_version})
+        manifest = code_manifest(code)
+        self.key = stable_hash({"key": key_obj, "code": manifest})
         self.dir = Path(root) / stage / self.key
-        self.dir.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "key.json"
+        self.reason = None if meta.is_file() else _why_new(self.dir.parent, key_obj, manifest)
+        self.dir.mkdir(parents=True, exist_ok=True)
         if not meta.exists():
-            atomic_write_text(meta, strict_json({"stage": stage, "key": key_obj, "code": code_version},
+            atomic_write_text(meta, strict_json({"stage": stage, "key": key_obj, "code": manifest},
                                                sort_keys=True, indent=1, default=str))
-        log.info("stage %s caches into %s", stage, self.dir)
+
+    def status(self, n_todo: int, n_total: int, force: bool = False) -> str:
+        """One line for the stage's log: reused, or computing how many and why."""
+        if n_todo == 0:
+            return f"reused {n_total} cached in {self.dir}"
+        why = "forced" if force else f"new cache: {self.reason}" if self.reason else \
+            f"resuming: {n_total - n_todo} already cached"
+        return f"computing {n_todo} of {n_total} into {self.dir} ({why})"
 
     def path(self, item_id: str, ext: str = ".npz") -> Path:
         return self.dir / f"{item_id}{ext}"
@@ -201,3 +214,30 @@ class StageCache:
 
     def done_ids(self, ext: str = ".npz") -> set[str]:
         return {p.name[: -len(ext)] for p in self.dir.glob(f"*{ext}") if not p.name.startswith(".")}
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-able key objects differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if json.dumps(old, default=str) == json.dumps(new, default=str) else [prefix.rstrip(".") or "key"]
+
+
+def _why_new(stage_dir: Path, key_obj: Any, manifest: dict) -> str:
+    """What differs from the stage's most recently written other cache (its key.json)."""
+    metas = sorted(stage_dir.glob("*/key.json"), key=lambda p: p.stat().st_mtime_ns) if stage_dir.is_dir() else []
+    if not metas:
+        return "no earlier cache of this stage"
+    try:
+        last = json.loads(metas[-1].read_text())
+    except (OSError, ValueError):
+        return "the last cache's key.json is unreadable"
+    code = last.get("code")
+    parts = [f"code changed: {', '.join(changed_modules(code, manifest)) or 'none'}"] \
+        if isinstance(code, dict) and code != manifest else ["code changed"] if code != manifest else []
+    diffs = _differences(json.loads(strict_json(last.get("key"), default=str)),
+                         json.loads(strict_json(key_obj, default=str)))
+    if diffs:
+        parts.append("key changed: " + ", ".join(diffs[:6]) + (f" (+{len(diffs) - 6} more)" if len(diffs) > 6 else ""))
+    return "; ".join(parts) or f"same key as {metas[-1].parent.name}"

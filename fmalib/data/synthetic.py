@@ -29,13 +29,13 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
+from ..core.code_key import code_digest
 from ..core.errors import FmalibError
 from ..core.label_ids import IGNORE
 from .labels import label_to_png_bytes, read_label_png
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
 CLASS_NAMES: tuple[str, ...] = ("ball", "star", "boat", "house", "car", "kite")
 STUFF_NAMES: tuple[str, ...] = ("grass", "water", "sky", "road", "sand", "wall")
 PART_NAMES: dict[str, tuple[str, ...]] = {
@@ -564,7 +564,7 @@ def coco_instances(images: dict[str, dict]) -> dict:
 
 
 def _manifest(n_train: int, n_val: int, seed: int, size_range) -> dict:
-    return {"generator": "fmalib.data.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
+    return {"generator": __name__, "code": code_digest(__name__), "seed": int(seed),
             "n_train": int(n_train), "n_val": int(n_val), "size_range": [int(size_range[0]), int(size_range[1])]}
 
 

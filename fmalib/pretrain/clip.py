@@ -44,11 +44,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..core.cache import atomic_save_npz, atomic_write_bytes, load_npz, stable_hash, torch_bytes
+from ..core.code_key import code_digest
 from ..core.device import seed_everything
 from ..core.errors import FmalibError
 from ..core.label_ids import IGNORE
 from ..core.params import Params, load_params, repo_root, validate, with_variant
-from ..data.synthetic import (CLASS_NAMES, GENERATOR_VERSION, STUFF_NAMES, check_outside_splits, generate_sample,
+from ..data.synthetic import (CLASS_NAMES, STUFF_NAMES, check_outside_splits, generate_sample,
                               make_caption, sample_ids, sample_size, split_sizes)
 from ..models import clip as C
 from .clip_quality import cam_peak_hit_rate, zero_shot_map
@@ -171,7 +172,7 @@ def cached_pool(cfg: dict, params: Params, cache_dir: Path, workers: int) -> dic
 
     syn = params["data"]["synthetic"]
     key = dict(seed=syn["seed"], offset=cfg["pool_offset"], n=cfg["pool_size"], lo=syn["size_min"],
-               hi=syn["size_max"], patch=8, gen=GENERATOR_VERSION)
+               hi=syn["size_max"], patch=8, code=code_digest("fmalib.data.synthetic"))
     path = cache_dir / f"pool-{stable_hash(key)}.npz"
     if path.is_file():
         flat = load_npz(path)
@@ -326,7 +327,7 @@ def pretrain_clip(params: Params, steps: int | None = None, output: str | None =
     out_path = out_path if out_path.is_absolute() else repo_root() / out_path
     run_key = stable_hash({k: v for k, v in cfg.items() if k not in ("output", "checkpoint_every_s", "eval_every", "eval")}
                           | {"data": params["data"]["synthetic"], "templates": CAPTION_TEMPLATES,
-                             "model": params["clip"]["model"]})
+                             "model": params["clip"]["model"], "code": code_digest("fmalib.pretrain.clip")})  # not __name__: run as __main__ too
     cache_dir = params.resolve_path("workdir") / "foundation_clip"
     run_dir = cache_dir / run_key
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from tqdm.auto import tqdm
 
 from ..core.cache import atomic_write_bytes, stable_hash, torch_bytes
+from ..core.code_key import code_digest
 from ..core.device import seed_everything
 from ..core.errors import FmalibError
 from ..core.params import Params, load_params, validate
@@ -298,7 +299,7 @@ def train_step(model: Sam, opt: torch.optim.Optimizer, batch, cfg: Mapping, step
 def state_dir(params: Params, cfg: Mapping) -> Path:
 
     key = {"cfg": {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "output", "eval")},
-           "arch": TINY_SAM_CONFIG, "data": params["data"]["synthetic"]}
+           "arch": TINY_SAM_CONFIG, "data": params["data"]["synthetic"], "code": code_digest("fmalib.pretrain.sam")}  # not __name__: run as __main__ too
     return params.resolve_path("workdir") / "foundation" / "sam" / stable_hash(key)
 
 

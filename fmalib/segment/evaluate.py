@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..core.cache import (atomic_save_npz, atomic_write_text, dir_fingerprint, file_fingerprint, load_npz, stable_hash,
                           strict_json)
+from ..core.code_key import code_digest
 from ..core.errors import FmalibError
 from ..data import open_dataset
 from ..data.fingerprint import split_key
@@ -262,7 +263,8 @@ def evaluate_segmenter_crf_options(params, model_dir: str | os.PathLike, split: 
     names = class_names_with_background(params)
     caches = [model_dir / "eval" / f"{split}-{stable_hash(key, 12)}" for key in (
         {"split": split, "labels": dir_fingerprint(label_dir) if label_dir else "gt", "scales": s.scales,
-         "flip": s.flip, "crf": s.crf, "weights": file_fingerprint(weights), "data": split_key(params, split)}
+         "flip": s.flip, "crf": s.crf, "weights": file_fingerprint(weights), "data": split_key(params, split),
+         "code": code_digest(__name__)}
         for s in segmenters)]
     results: list[dict | None] = [None] * len(segmenters)
     for i, cache in enumerate(caches):

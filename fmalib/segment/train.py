@@ -18,7 +18,8 @@ import time
 import weakref
 from pathlib import Path
 
-from ..core.cache import atomic_write_text, dir_fingerprint, stable_hash, strict_json
+from ..core.cache import atomic_write_text, dir_fingerprint, file_fingerprint, stable_hash, strict_json
+from ..core.code_key import code_digest
 from ..core.errors import FmalibError
 from ..core.params import Params, load_params
 from ..data.fingerprint import split_key
@@ -95,15 +96,22 @@ def quiet_detectron2_logs() -> None:
 
 def run_dir(params, tag: str, label_dir: str | os.PathLike | None) -> Path:
     """``workdir/stage2/<tag>-<hash>``: one directory per (stage2 params, label set, data, seed)."""
-    key = {"stage2": _training_key(params["stage2"]), "labels": _labels_key(label_dir),
+    key = {"stage2": _training_key(params), "labels": _labels_key(label_dir),
            "data": split_key(params, params["data"]["train_split"]), "seed": params["seed"]}
     return params.resolve_path("workdir") / "stage2" / f"{tag}-{stable_hash(key, 10)}"
 
 
-def _training_key(stage2) -> dict:
-    """The stage2 settings that change the trained model (test-time options and workers do not)."""
-    return {k: v for k, v in dict(stage2).items() if k not in (
-        "labels", "test", "crf", "num_workers", "checkpoint_period", "log_period")}
+def _training_key(params) -> dict:
+    """The stage2 settings that change the trained model (test-time options, workers and logging do not;
+    the backbone weights by content, AMP only on CUDA) and the code that trains it."""
+    stage2 = params["stage2"]
+    key = {k: v for k, v in dict(stage2).items() if k not in (
+        "labels", "test", "crf", "num_workers", "checkpoint_period", "log_period", "weights", "amp")}
+    weights = params.resolve_path("stage2.weights") if stage2["weights"] else None
+    key["weights"] = file_fingerprint(weights) if weights and weights.is_file() else stage2["weights"]  # missing:
+    # the checkpointer names it
+    key["amp"] = bool(stage2["amp"]) and str(params["device"]).startswith("cuda")
+    return {**key, "code": code_digest(__name__)}
 
 
 def _as_params(params) -> Params:
@@ -142,7 +150,7 @@ def train_segmenter(params, label_dir: str | os.PathLike | None, out_dir: str | 
 
 
 def _config_hash(params, label_dir, world_size) -> str:
-    return stable_hash({"train": _training_key(params["stage2"]), "labels": _labels_key(label_dir),
+    return stable_hash({"train": _training_key(params), "labels": _labels_key(label_dir),
                         "seed": params["seed"], "world": world_size,
                         "data": split_key(params, params["data"]["train_split"])})
 

@@ -34,10 +34,14 @@ def cam_cache(params, split: str, kind: str, ctx_path: str | Path | None = None)
     cfg = {"target": cam["target"], "caa_last_k": cam["caa_last_k"], "sinkhorn_iters": cam["sinkhorn_iters"],
            "caa_threshold": cam["caa_threshold"][kind], "target_layer": cam["target_layer"],
            "caa_source": cam["caa_source"][kind], "max_side": cam["max_side"]}
+    # how the prompts are built: the hand template, or the learned layout (the contexts' file alone does not
+    # say how they are placed around the class names)
+    pr = params["prompts"]
+    prompt = {"hand": {"template": pr["hand_template"]}, "cls": {"n_ctx": pr["n_ctx"]},
+              "seg": {"n_ctx": pr["n_ctx"], "layout": pr["seg"]["layout"]}}[kind]
     key = {"split": split, "kind": kind, "cam": cfg, "classes": params["classes"], "clip": clip_fingerprint(params),
-           "data": split_key(params, split), "template": params["prompts"]["hand_template"] if kind == "hand" else None,
-           "ctx": file_fingerprint(ctx_path) if ctx_path else None}
-    return StageCache(params.resolve_path("workdir"), f"cam_{kind}", key)
+           "data": split_key(params, split), "prompt": prompt, "ctx": file_fingerprint(ctx_path) if ctx_path else None}
+    return StageCache(params.resolve_path("workdir"), f"cam_{kind}", key, code=__name__)
 
 
 def warn_tiny_image(model, image_id: str, size: tuple[int, int], max_side: int | None = None) -> bool:
@@ -57,21 +61,23 @@ def warn_tiny_image(model, image_id: str, size: tuple[int, int], max_side: int |
 
 def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, int] | None = None,
                   ctx_path: str | Path | None = None, seeds_dir: str | Path | None = None, model=None,
-                  progress: bool = True) -> StageCache:
+                  progress: bool = True, force: bool = False) -> StageCache:
     """CAMs of every image of ``split`` (or shard i of n: ids[i::n]) into the stage cache; resumable.
 
     ``prompts``: "hand" (CLIP-ES baseline) or "cls" / "seg" — trained contexts from ``ctx_path``, by default
     the finished run of ``fmalib.stages.prompts.train_prompts`` with these params (and ``seeds_dir`` for seg).
     ``shard`` None: the launcher's (torchrun, SLURM array; ``stages.shards.resolve_shard``), else every image.
+    ``force`` recomputes images already cached.
     """
     shard = resolve_shard(shard)
     if prompts != "hand" and ctx_path is None:
         ctx_path = trained_context_path(params, prompts, seeds_dir)
     cache = cam_cache(params, split, prompts, ctx_path)
     ds = open_dataset(params, split)
-    todo = [j for j in shard_indices(len(ds), shard) if not cache.has(ds.ids[j])]
+    mine = shard_indices(len(ds), shard)
+    todo = [j for j in mine if force or not cache.has(ds.ids[j])]
+    log.info("CAMs %s/%s shard %d/%d: %s", prompts, split, *shard, cache.status(len(todo), len(mine), force))
     if not todo:
-        log.info("CAMs %s/%s shard %d/%d already cached in %s", prompts, split, *shard, cache.dir)
         return cache
     model = model if model is not None else load_clip_from_params(params, launcher_device(params["device"]))
     pset = build_prompts(prompts, model, params)
@@ -80,7 +86,6 @@ def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, in
     with torch.no_grad():
         text = pset()
     threshold = float(params["cam"]["caa_threshold"][prompts])
-    log.info("CAMs (%s prompts) of %d %s images -> %s", prompts, len(todo), split, cache.dir)
     for j in tqdm(todo, desc=f"CAMs {prompts}/{split}", disable=not progress):
         item = ds[j]
         warn_tiny_image(model, item["id"], item["image"].shape[:2], params["cam"]["max_side"])

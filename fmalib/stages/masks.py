@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 def mask_cache(params, split: str) -> StageCache:
     """The mask cache of ``split``: keyed by the generator (``masks.generator``) and its model, params.masks and
     the dataset (not by the shard)."""
-    key = {**generator_key(params), "masks": {k: params["masks"][k] for k in MASK_KEYS},
+    # points_per_batch sets how many point prompts share a forward pass: memory and speed, not the masks
+    key = {**generator_key(params), "masks": {k: params["masks"][k] for k in MASK_KEYS if k != "points_per_batch"},
            "data": split_key(params, split, labels=False)}  # masks depend on the images only
-    return StageCache(params.resolve_path("workdir"), "masks", key)
+    return StageCache(params.resolve_path("workdir"), "masks", key, code=__name__)
 
 
 def load_masks(cache: StageCache, image_id: str) -> MaskSet:
@@ -57,8 +58,7 @@ def run_mask_stage(params, split: str | None = None, shard: tuple[int, int] | No
     cache = mask_cache(params, split)
     mine = shard_indices(len(dataset), shard)[:limit]
     todo = [j for j in mine if force or not cache.has(dataset.ids[j])]
-    log.info("SAM masks of %s shard %d/%d: %d images, %d cached, %d to compute -> %s",
-             split, shard[0], shard[1], len(mine), len(mine) - len(todo), len(todo), cache.dir)
+    log.info("SAM masks of %s shard %d/%d: %s", split, shard[0], shard[1], cache.status(len(todo), len(mine), force))
     if not todo:
         return cache
     log.info("mask generator: %s", generator_spec(params).label)

@@ -50,7 +50,11 @@ def train_cache(params, stage: str, seeds_dir: str | Path | None = None) -> Stag
     if stage not in STAGES:
         raise FmalibError(f"prompt stage {stage!r}; expected one of {STAGES}")
     pr = params["prompts"]
-    common = {k: v for k, v in pr.items() if k not in STAGES + ("ckpt_every", "num_workers")}
+    device = get_device(params["device"]).type
+    # not the other stage's settings, the CLIP-ES template, checkpoint spacing or loader workers; AMP only
+    # acts on CUDA
+    common = {k: v for k, v in pr.items() if k not in STAGES + ("hand_template", "ckpt_every", "num_workers", "amp")}
+    common["amp"] = bool(pr["amp"]) and device == "cuda"
     seeds = None
     if stage == "seg":
         if seeds_dir is None:
@@ -61,11 +65,11 @@ def train_cache(params, stage: str, seeds_dir: str | Path | None = None) -> Stag
         seeds = dir_fingerprint(seeds_dir)
     key = {"stage": stage, "prompts": common, "stage_cfg": pr[stage], "classes": params["classes"],
            "clip": clip_fingerprint(params), "data": split_key(params, params["data"]["train_split"]),
-           "seed": int(params["seed"]), "seeds": seeds, "device": get_device(params["device"]).type}
+           "seed": int(params["seed"]), "seeds": seeds, "device": device}
     if stage == "seg":  # the seg loss differentiates Grad-CAMs of this target
         key["cam_target"] = params["cam"]["target"]
         key["cam_target_layer"] = params["cam"]["target_layer"]
-    return StageCache(params.resolve_path("workdir"), f"prompts_{stage}", key)
+    return StageCache(params.resolve_path("workdir"), f"prompts_{stage}", key, code=__name__)
 
 
 def trained_context_path(params, stage: str, seeds_dir: str | Path | None = None) -> Path:
@@ -127,18 +131,23 @@ def _read_csv(path: Path, res: "TrainResult") -> None:
 
 
 def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = None, model=None,
-                  progress: bool = True, stop_after: int | None = None) -> TrainResult:
+                  progress: bool = True, stop_after: int | None = None, force: bool = False) -> TrainResult:
     """Train the ``stage`` prompts; returns the run's losses and paths (cached: a finished run is loaded).
 
     Resumes from ``ckpt.pt`` when one is there. ``stop_after`` ends the run early after that many
-    iterations (a checkpoint is written) — used to test resuming.
+    iterations (a checkpoint is written) — used to test resuming. ``force`` trains from scratch, replacing
+    a finished or interrupted run of the same key.
     """
     cache = train_cache(params, stage, seeds_dir)
     out = cache.dir
     res = TrainResult(stage, out, out / "context.pt", out / "loss.csv")
+    iters = int(params["prompts"][stage]["iters"])
+    if force:
+        for path in (res.context_path, out / "ckpt.pt"):
+            path.unlink(missing_ok=True)
     if res.context_path.is_file() and res.csv_path.is_file():
         _read_csv(res.csv_path, res)
-        log.info("%s prompts already trained: %s", stage, res.context_path)
+        log.info("%s prompts: %s", stage, cache.status(0, iters))
         return res
 
     pr, cfg = params["prompts"], params["prompts"][stage]
@@ -160,13 +169,12 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
         start = int(blob["iter"])
         for attr in CSV_FIELDS:
             setattr(res, attr, list(blob.get(attr, [float("nan")] * start)))
-        log.info("resuming %s prompt training at iteration %d from %s", stage, start, ckpt)
 
     ds = open_dataset(params, params["data"]["train_split"])
     seeds_path = Path(seeds_dir) if stage == "seg" else None
     mean, std = C.image_normalization(model)
     data = TrainSet(ds, pr, int(params["seed"]), len(ds.class_names), seeds_path, mean, std)
-    iters, batch = int(cfg["iters"]), int(pr["batch_size"])
+    batch = int(pr["batch_size"])
     end = iters if stop_after is None else min(iters, start + int(stop_after))
     keys = [[(it, s, i) for s, i in enumerate(batch_indices(len(ds), batch, it, int(params["seed"])))]
             for it in range(start, end)]
@@ -178,8 +186,8 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
                                  **{attr: getattr(res, attr) for attr in CSV_FIELDS}})
         _write_csv(res.csv_path, res)
 
-    log.info("training %s prompts: iterations %d..%d of %d, batch %d, %s%s -> %s", stage, start, end, iters,
-             batch, device, " + AMP" if use_amp else "", out)
+    log.info("%s prompts: %s; iterations %d..%d, batch %d, %s%s", stage, cache.status(iters - start, iters, force),
+             start, end, batch, device, " + AMP" if use_amp else "")
     prompts.train()
     bar = tqdm(loader, total=len(keys), desc=f"{stage} prompts", disable=not progress, initial=0)
     it = start

@@ -120,9 +120,12 @@ class SeedSet:
 def seed_cache(params, split: str, stage: str, masks_cache: StageCache, cam_ident, rule: float | str) -> StageCache:
     """Keyed by the rule that sets p (``auto`` — its inputs, power_images and power_grid, are in params.sams —
     or the number), not by the chosen p: a finished stage is found without recomputing the choice."""
-    key = {"split": split, "masks": masks_cache.key, "cams": cam_ident, "sams": dict(params["sams"]),
-           "bg_power": rule}
-    return StageCache(params.resolve_path("workdir"), f"seeds_{stage}", key)
+    cfg = params["sams"]
+    sams = {"levels": cfg["levels"]}
+    if isinstance(rule, str):  # what choose_bg_power looks at; a fixed p reads none of it
+        sams.update({k: cfg[k] for k in ("power_grid", "confident_hi", "confident_lo", "power_images")})
+    key = {"split": split, "masks": masks_cache.key, "cams": cam_ident, "sams": sams, "bg_power": rule}
+    return StageCache(params.resolve_path("workdir"), f"seeds_{stage}", key, code=__name__)
 
 
 def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tuple[int, int] | None = None,
@@ -167,9 +170,10 @@ def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tu
     fallback = set() if force or not fallback_path.is_file() else set(json.loads(fallback_path.read_text()))
     if force and fallback_path.is_file():
         atomic_write_text(fallback_path, "[]")
-    todo = [j for j in shard_indices(len(dataset), shard) if force or not cache.has(dataset.ids[j], ".png")]
-    log.info("SAMS %s seeds of %s shard %d/%d (p=%.3g): %d to write -> %s", stage, split, shard[0], shard[1], p,
-             len(todo), cache.dir)
+    mine = shard_indices(len(dataset), shard)
+    todo = [j for j in mine if force or not cache.has(dataset.ids[j], ".png")]
+    log.info("SAMS %s seeds of %s shard %d/%d (p=%.3g): %s", stage, split, shard[0], shard[1], p,
+             cache.status(len(todo), len(mine), force))
     levels = params["sams"]["levels"]
     for j in tqdm(todo, desc=f"SAMS {stage} seeds"):
         image_id = dataset.ids[j]
@@ -214,23 +218,26 @@ def seed_power_sweep(params, split: str, cam_source, powers: Sequence[float] | N
     return bg_power_sweep(images, gts, powers or params["sams"]["power_grid"], len(dataset.class_names) + 1)
 
 
-def pipeline_seeds(params, stage: str, split: str | None = None, seeds_dir: str | Path | None = None) -> SeedSet:
+def pipeline_seeds(params, stage: str, split: str | None = None, seeds_dir: str | Path | None = None,
+                   force: bool = False) -> SeedSet:
     """The method's seeds (METHOD §5): ``coarse`` = SAMS on the cls-prompt CAMs; ``fine`` = SAMS on the
     seg-prompt CAMs, the seg prompts trained on ``seeds_dir`` (default: the coarse seeds). Runs (or reuses
     from the caches) the mask stage, the CAM stage and the seeds; the prompts must be trained already
     (notebooks 03 and 05, ``fmalib.stages.prompts.train_prompts``). One process, every image (shard (0, 1)
-    whatever the launcher: each stage needs the previous one complete)."""
+    whatever the launcher: each stage needs the previous one complete). ``force`` recomputes this stage's
+    CAMs and seeds (the masks have their own ``force``: ``run_mask_stage``; the coarse seeds under fine ones
+    are reused)."""
     split = split or params["data"]["train_split"]
     whole = (0, 1)
     run_mask_stage(params, split, whole)
     if stage == "coarse":
-        cams = run_cam_stage(params, split, "cls", whole)
+        cams = run_cam_stage(params, split, "cls", whole, force=force)
     elif stage == "fine":
         seeds_dir = seeds_dir or pipeline_seeds(params, "coarse", split).dir
-        cams = run_cam_stage(params, split, "seg", whole, seeds_dir=seeds_dir)
+        cams = run_cam_stage(params, split, "seg", whole, seeds_dir=seeds_dir, force=force)
     else:
         raise FmalibError(f"pipeline_seeds: stage {stage!r}; expected one of {STAGES}")
-    return make_seeds(params, split, cams, stage, shard=whole)
+    return make_seeds(params, split, cams, stage, shard=whole, force=force)
 
 
 def cam_argmax_cache(params, split: str, cams: StageCache, caa: bool, thresholds: Sequence[float]) -> StageCache:
@@ -238,7 +245,7 @@ def cam_argmax_cache(params, split: str, cams: StageCache, caa: bool, thresholds
     key = {"split": split, "cams": {"stage": cams.stage, "key": cams.key}, "caa": caa,
            "bg_threshold": {"rule": "best seed mIoU against the split's ground truth",
                             "grid": [float(t) for t in thresholds]}}
-    return StageCache(params.resolve_path("workdir"), "seeds_cam_argmax", key)
+    return StageCache(params.resolve_path("workdir"), "seeds_cam_argmax", key, code=__name__)
 
 
 def cam_argmax_seed_dir(params, split: str, cams: StageCache, thresholds: Sequence[float] | None = None):

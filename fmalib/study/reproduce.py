@@ -1,13 +1,12 @@
 """Run the numbered notebooks headless with papermill, skipping those whose inputs are unchanged.
 
-A notebook's key hashes: the params it runs with, its own source, the fmalib code version (hash of every
-.py under fmalib/), and the key of the notebook before it (its upstream outputs). Executed copies land in
+A notebook's key hashes: the params it runs with, its own source, fmalib's code (every module's syntax tree:
+``fmalib.core.code_key.package_digest``), and the key of the notebook before it (its upstream outputs). Executed copies land in
 ``reports/<params name>/`` by rename, so a failure leaves earlier results intact and names the notebook
 and cell that failed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import Any, Mapping
 import papermill
 
 from ..core.cache import atomic_write_text, stable_hash
+from ..core.code_key import package_digest
 from ..core.errors import FmalibError
 from ..core.params import default_report_dir, load_params, repo_relative, repo_root
 
@@ -29,15 +29,6 @@ def notebook_paths(notebooks_dir: str | os.PathLike | None = None) -> list[Path]
     """notebooks/NN_*.ipynb in numeric order."""
     root = Path(notebooks_dir) if notebooks_dir else repo_root() / "notebooks"
     return sorted(p for p in root.glob("[0-9][0-9]_*.ipynb"))
-
-
-def code_version() -> str:
-    """Hash of fmalib's source: any code change reruns the study."""
-    h = hashlib.sha256()
-    for p in sorted((repo_root() / "fmalib").rglob("*.py")):
-        h.update(p.relative_to(repo_root()).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _notebook_source(path: Path) -> list:
@@ -66,7 +57,7 @@ def run_notebooks(params_path: str | os.PathLike, out_dir: str | os.PathLike | N
     out.mkdir(parents=True, exist_ok=True)
     # papermill runs in the repo root: paths inside it are passed relative, so no output names this machine
     nb_params = {"params_path": repo_relative(params_file), "out_dir": repo_relative(out), **(parameters or {})}
-    upstream = stable_hash({"params": params_file.read_text(), "nb_params": nb_params, "code": code_version()})
+    upstream = stable_hash({"params": params_file.read_text(), "nb_params": nb_params, "code": package_digest()})
     records = []
     for nb in notebooks if notebooks is not None else notebook_paths():
         key = stable_hash({"upstream": upstream, "source": _notebook_source(nb)})
