@@ -9,6 +9,7 @@ rerunning skips what ``has()`` reports done.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -132,11 +133,17 @@ def file_fingerprint(path: str | os.PathLike | None) -> dict | None:
     mtime above (hashing a 2.5 GB SAM ViT-H on every run would cost more than the stage it keys)."""
     if path is None:
         return None
-    path = Path(path)
-    st = path.stat()
+    st = Path(path).stat()
     if st.st_size <= 256 * 2**20:
-        return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        return {"sha256": _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)}
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256, hashed once per process while its size and mtime stay (every stage start keys the
+    same checkpoints)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def files_fingerprint(named: dict[str, Path], index_path: str | os.PathLike) -> str:

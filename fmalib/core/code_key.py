@@ -64,7 +64,8 @@ def _graph(stamp: tuple) -> grimp.ImportGraph:
 
 
 def _stamp() -> tuple:
-    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(_package_root().rglob("*.py")))
+    return tuple((str(p), st.st_size, st.st_mtime_ns) for p in sorted(_package_root().rglob("*.py"))
+                 for st in (p.stat(),))
 
 
 def code_closure(module: str) -> list[str]:

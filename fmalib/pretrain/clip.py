@@ -317,6 +317,15 @@ def evaluate(model, tokenizer, params: Params, val: tuple) -> dict:
             "hit_per_class": cam["per_class"], "hit_rate_block_input": residual["hit_rate"], "n_images": len(val[0])}
 
 
+def pretrain_run_dir(params: Params, cfg: dict) -> Path:
+    """``workdir/foundation_clip/<key>``: the resumable state of one pretraining, keyed by what changes the
+    weights (not where they are saved, in which precision, or how often it checkpoints and evaluates)."""
+    key = {k: v for k, v in cfg.items() if k not in ("output", "fp16", "checkpoint_every_s", "eval_every", "eval")}
+    key |= {"data": params["data"]["synthetic"], "templates": CAPTION_TEMPLATES, "model": params["clip"]["model"],
+            "code": code_digest("fmalib.pretrain.clip")}  # not __name__: run as __main__ too
+    return params.resolve_path("workdir") / "foundation_clip" / stable_hash(key)
+
+
 def pretrain_clip(params: Params, steps: int | None = None, output: str | None = None, evaluate_end: bool = True,
                   workers: int = 1) -> dict:
     """Train (resuming from the run's last checkpoint), save the weights to ``output``, evaluate on val."""
@@ -325,11 +334,8 @@ def pretrain_clip(params: Params, steps: int | None = None, output: str | None =
         cfg["steps"] = int(steps)
     out_path = Path(output or cfg["output"])
     out_path = out_path if out_path.is_absolute() else repo_root() / out_path
-    run_key = stable_hash({k: v for k, v in cfg.items() if k not in ("output", "checkpoint_every_s", "eval_every", "eval")}
-                          | {"data": params["data"]["synthetic"], "templates": CAPTION_TEMPLATES,
-                             "model": params["clip"]["model"], "code": code_digest("fmalib.pretrain.clip")})  # not __name__: run as __main__ too
     cache_dir = params.resolve_path("workdir") / "foundation_clip"
-    run_dir = cache_dir / run_key
+    run_dir = pretrain_run_dir(params, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
 

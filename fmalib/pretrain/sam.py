@@ -297,9 +297,11 @@ def train_step(model: Sam, opt: torch.optim.Optimizer, batch, cfg: Mapping, step
 # ------------------------------------------------------------------------------------------- driver
 
 def state_dir(params: Params, cfg: Mapping) -> Path:
-
-    key = {"cfg": {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "output", "eval")},
-           "arch": TINY_SAM_CONFIG, "data": params["data"]["synthetic"], "code": code_digest("fmalib.pretrain.sam")}  # not __name__: run as __main__ too
+    """``workdir/foundation/sam/<key>``: the resumable state of one pretraining, keyed by what changes the
+    weights (not where they are saved, in which precision, or how often it checkpoints and evaluates)."""
+    key = {"cfg": {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "output", "fp16", "eval")},
+           "arch": TINY_SAM_CONFIG, "data": params["data"]["synthetic"],
+           "code": code_digest("fmalib.pretrain.sam")}  # not __name__: run as __main__ too
     return params.resolve_path("workdir") / "foundation" / "sam" / stable_hash(key)
 
 

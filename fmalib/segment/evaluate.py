@@ -155,6 +155,15 @@ def load_segmenter(params, model_dir: str | os.PathLike, device: str | None = No
                      test["flip"] if flip is None else flip, _crf_settings(params, crf))
 
 
+def eval_cache(params, model_dir: Path, split: str, label_dir, scales, flip: bool, crf: Mapping | None) -> Path:
+    """``model_dir/eval/<split>-<hash>`` (.json + .npz): keyed by the weights' content, the labels evaluated
+    against, the TTA and CRF settings, the split's data and the code."""
+    key = {"split": split, "labels": dir_fingerprint(label_dir) if label_dir else "gt", "scales": scales,
+           "flip": flip, "crf": crf, "weights": file_fingerprint(Path(model_dir) / "model_final.pth"),
+           "data": split_key(params, split), "code": code_digest(__name__)}
+    return Path(model_dir) / "eval" / f"{split}-{stable_hash(key, 12)}"
+
+
 def _crf_settings(params, crf: bool | None) -> Mapping | None:
     """``params.stage2.crf`` if the CRF is on (``crf``, or ``stage2.test.crf`` when None), else None."""
     return params["stage2"]["crf"] if (params["stage2"]["test"]["crf"] if crf is None else crf) else None
@@ -261,11 +270,7 @@ def evaluate_segmenter_crf_options(params, model_dir: str | os.PathLike, split: 
                                       _crf_settings(params, c)) for c in crf_options[1:]]
     weights = model_dir / "model_final.pth"
     names = class_names_with_background(params)
-    caches = [model_dir / "eval" / f"{split}-{stable_hash(key, 12)}" for key in (
-        {"split": split, "labels": dir_fingerprint(label_dir) if label_dir else "gt", "scales": s.scales,
-         "flip": s.flip, "crf": s.crf, "weights": file_fingerprint(weights), "data": split_key(params, split),
-         "code": code_digest(__name__)}
-        for s in segmenters)]
+    caches = [eval_cache(params, model_dir, split, label_dir, s.scales, s.flip, s.crf) for s in segmenters]
     results: list[dict | None] = [None] * len(segmenters)
     for i, cache in enumerate(caches):
         if not force and save_predictions is None and cache.with_suffix(".json").is_file():

@@ -110,6 +110,8 @@ def _training_key(params) -> dict:
     weights = params.resolve_path("stage2.weights") if stage2["weights"] else None
     key["weights"] = file_fingerprint(weights) if weights and weights.is_file() else stage2["weights"]  # missing:
     # the checkpointer names it
+    if weights is None:  # the layout of weights that are not loaded
+        del key["weights_style"]
     key["amp"] = bool(stage2["amp"]) and str(params["device"]).startswith("cuda")
     return {**key, "code": code_digest(__name__)}
 

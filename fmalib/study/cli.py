@@ -137,8 +137,8 @@ def prompts(args) -> None:
     """Train cls prompts, then seg prompts on the coarse seeds (single process; the seeds stage runs between)."""
     _one_process("prompts")
     params = _params(args)
-    train_prompts(params, "cls")
-    train_prompts(params, "seg", seeds_dir=pipeline_seeds(params, "coarse").dir)
+    train_prompts(params, "cls", force=args.force)
+    train_prompts(params, "seg", seeds_dir=pipeline_seeds(params, "coarse").dir, force=args.force)
 
 
 def seeds(args) -> None:
@@ -146,7 +146,7 @@ def seeds(args) -> None:
     _one_process("seeds")
     params = _params(args)
     for stage in ("coarse", "fine"):
-        print(f"{stage} seeds: {pipeline_seeds(params, stage).dir}")
+        print(f"{stage} seeds: {pipeline_seeds(params, stage, force=args.force).dir}")
 
 
 def sams(args) -> None:
@@ -239,6 +239,11 @@ def _sams_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the <image id>.png pseudo-labels and summary.json")
 
 
+def _force_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="recompute what this command computes even where it is cached (SAM masks: `masks --force`)")
+
+
 def _reproduce_options(p: argparse.ArgumentParser) -> None:
     _out(p)
     p.add_argument("--force", action="store_true", help="rerun notebooks whose executed copy is current")
@@ -247,7 +252,7 @@ def _reproduce_options(p: argparse.ArgumentParser) -> None:
 # name -> (function, extra options)
 COMMANDS = {
     "data": (data, None), "foundation": (foundation, None), "masks": (masks, _masks_options),
-    "prompts": (prompts, None), "seeds": (seeds, None), "sams": (sams, _sams_options),
+    "prompts": (prompts, _force_options), "seeds": (seeds, _force_options), "sams": (sams, _sams_options),
     "stage2": (stage2, _stage2_options),
     "reproduce": (reproduce, _reproduce_options), "report": (report, _out),
 }
