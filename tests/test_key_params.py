@@ -77,7 +77,7 @@ CHOICES = {"masks.generator": "sam2", "sam.model_type": "vit_b", "clip.model": "
            "stage2.backbone_depth": 34, "stage2.weights_style": "msra", "stage2.norm": "GN",
            "stage2.loss": "hard_pixel_mining", "stage2.lr_schedule": "cosine", "foundation.clip.pool": "class_token",
            "foundation.clip.patch_loss": "mil", "sam2.config": "sam2.1_hiera_s", "sam2.checkpoint": "sam2.pt",
-           "stage2.labels": "seeds", "name": "other", "workdir": "elsewhere", "cam.max_side": 256,
+           "stage2.labels": "seeds", "name": "other", "cam.max_side": 256,
            "stage2.num_gpus": 2}
 
 
@@ -133,7 +133,7 @@ def setup(tmp_path_factory):
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_bytes(name.encode())
     files = {"clip.checkpoint": str(tmp / "clip_copy.pt"), "sam.checkpoint": str(tmp / "sam_copy.pth"),
-             "stage2.weights": str(tmp / "weights.pkl")}
+             "stage2.weights": str(tmp / "weights.pkl"), "workdir": str(tmp / "elsewhere")}
     shutil.copy(base["clip"]["checkpoint"], files["clip.checkpoint"])
     shutil.copy(base["sam"]["checkpoint"], files["sam.checkpoint"])
     return base, tmp, files
