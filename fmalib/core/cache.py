@@ -203,8 +203,9 @@ class StageCache:
         """One line for the stage's log: reused, or computing how many and why."""
         if n_todo == 0:
             return f"reused {n_total} cached in {self.dir}"
+        done = n_total - n_todo
         why = "forced" if force else f"new cache: {self.reason}" if self.reason else \
-            f"resuming: {n_total - n_todo} already cached"
+            f"resuming: {done} already cached" if done else "nothing cached yet under this key"
         return f"computing {n_todo} of {n_total} into {self.dir} ({why})"
 
     def path(self, item_id: str, ext: str = ".npz") -> Path:

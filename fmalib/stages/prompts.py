@@ -37,6 +37,7 @@ from ..method.prompts import PromptSet, build_prompts, fg_similarity
 from ..models import clip as C
 from ..models.checkpoints import clip_fingerprint, load_clip_from_params
 from .prompt_data import TrainSet, batch_indices
+from .shards import fill_command
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ def trained_context_path(params, stage: str, seeds_dir: str | Path | None = None
     """context.pt of the finished ``train_prompts(params, stage, seeds_dir)`` run; an error if not trained."""
     path = train_cache(params, stage, seeds_dir).dir / "context.pt"
     if not path.is_file():
-        raise FmalibError(f"no trained {stage} prompts at {path}: run fmalib.stages.prompts.train_prompts(params, "
+        why = "none trained on these seeds (new or changed coarse seeds?)" if stage == "seg" else "not trained"
+        raise FmalibError(f"no trained {stage} prompts at {path}: {why}; run `{fill_command(params, 'prompts')}` "
+                          f"(with this run's --set / --fast options) or fmalib.stages.prompts.train_prompts(params, "
                           f"{stage!r}{', seeds_dir=...' if stage == 'seg' else ''}) first")
     return path
 
