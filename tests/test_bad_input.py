@@ -412,8 +412,8 @@ def test_yaml_float_pitfall_names_file_and_key(tmp_path):
 
 @pytest.mark.parametrize("key, value, message", [
     ("masks.points_per_side", 0, "key masks.points_per_side is 0; expected >= 1"),
-    ("prompts.cls.iters", -1, "key prompts.cls.iters is -1; expected >= 0"),
-    ("prompts.seg.iters", -5, "key prompts.seg.iters is -5; expected >= 0"),
+    ("prompts.cls.iters", 0, "key prompts.cls.iters is 0; expected >= 1"),
+    ("prompts.seg.iters", -5, "key prompts.seg.iters is -5; expected >= 1"),
     ("prompts.seg.lr", 0.0, "key prompts.seg.lr is 0.0; expected > 0"),
     ("stage2.lr", -0.01, "key stage2.lr is -0.01; expected > 0"),
     ("prompts.batch_size", 0, "key prompts.batch_size is 0; expected >= 1"),

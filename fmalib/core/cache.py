@@ -18,7 +18,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -146,17 +146,20 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def files_fingerprint(named: dict[str, Path], index_path: str | os.PathLike) -> str:
-    """SHA-256 over the contents of ``named`` files ({stable name: path}; a missing file counts as "missing").
+def files_fingerprint(named: Mapping[str, Path] | Sequence[tuple[str, Path]], index_path: str | os.PathLike) -> str:
+    """SHA-256 over the contents of ``named`` files: {stable name: path} (order-free), or a sequence of
+    (name, path) pairs hashed in their order, repeats included (a split: its order and repeats change what
+    trains on it). A missing file counts as "missing".
 
     Hashing every image of a split on every run would cost more than some stages, so each file's digest is
     kept in ``index_path`` with its size and mtime and recomputed only when those change: a moved or copied
     dataset with the same content gives the same fingerprint (the names, not the paths, enter the hash)."""
     index_path = Path(index_path)
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    pairs = sorted(named.items()) if isinstance(named, Mapping) else list(named)
     seen, h = {}, hashlib.sha256()
-    for name in sorted(named):
-        path = Path(named[name])
+    for name, path in pairs:
+        path = Path(path)
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -172,10 +175,21 @@ def files_fingerprint(named: dict[str, Path], index_path: str | os.PathLike) -> 
     return h.hexdigest()[:32]
 
 
+def is_stray(path: Path) -> bool:
+    """A hidden file or one of ``atomic_path``'s temp files (what a kill between write and rename leaves)."""
+    return path.name.startswith(".") or ".tmp" in path.name
+
+
+def stray_files(path: str | os.PathLike, pattern: str = "*") -> list[Path]:
+    """The hidden and temporary files of a folder matching ``pattern`` (left out of fingerprints)."""
+    return sorted(p for p in Path(path).glob(pattern) if is_stray(p))
+
+
 def dir_fingerprint(path: str | os.PathLike, pattern: str = "*.png") -> str:
-    """SHA-256 over the names and contents of a folder's files matching ``pattern`` (e.g. a seed folder)."""
+    """SHA-256 over the names and contents of a folder's files matching ``pattern`` (e.g. a seed folder);
+    hidden and temporary files are not part of it (``stray_files``)."""
     h = hashlib.sha256()
-    for p in sorted(Path(path).glob(pattern)):
+    for p in sorted(p for p in Path(path).glob(pattern) if not is_stray(p)):
         h.update(p.name.encode())
         h.update(hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()

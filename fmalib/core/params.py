@@ -313,7 +313,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prompts.num_workers": _NON_NEGATIVE,
     "prompts.ckpt_every": _at_least(1),
     **{f"prompts.{kind}.{key}": rule for kind in ("cls", "seg") for key, rule in (
-        ("iters", _NON_NEGATIVE), ("warmup_iters", _NON_NEGATIVE), ("warmup_lr", _NON_NEGATIVE),
+        ("iters", _at_least(1)), ("warmup_iters", _NON_NEGATIVE), ("warmup_lr", _NON_NEGATIVE),
         ("lr", _POSITIVE), ("weight_decay", _NON_NEGATIVE), ("init_std", _POSITIVE))},
     "cam.caa_last_k": _at_least(1),
     "cam.sinkhorn_iters": _NON_NEGATIVE,
@@ -451,8 +451,12 @@ def _apply_override(tree: dict, dotted: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
-def load_params(source: str | os.PathLike | Mapping, overrides: Mapping[str, Any] | None = None) -> Params:
-    """Read a params YAML (or take a mapping), apply dotted overrides ({'prompts.iters': 5}), validate."""
+def load_params(source: str | os.PathLike | Mapping, overrides: Mapping[str, Any] | None = None,
+                origins: Mapping[str, str] | None = None) -> Params:
+    """Read a params YAML (or take a mapping), apply dotted overrides ({'prompts.iters': 5}), validate.
+
+    ``origins`` says where each override came from (``{"prompts.cls.iters": "--set"}``): an error about an
+    overridden key names it instead of the file."""
     if isinstance(source, Mapping):
         tree, where, path = copy.deepcopy(dict(source)), "params", None
     else:
@@ -463,16 +467,27 @@ def load_params(source: str | os.PathLike | Mapping, overrides: Mapping[str, Any
         if not path.is_file():
             raise FmalibError(f"params file {path} does not exist (expected a YAML like params/toy.yaml)")
         try:
-            tree = yaml.safe_load(path.read_text())
+            tree = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise FmalibError(f"params file {path} is not a text file (not UTF-8; an image or a binary?); expected "
+                              f"a YAML like params/toy.yaml") from None
         except yaml.YAMLError as exc:
             raise FmalibError(f"params file {path} is not valid YAML: {exc}") from exc
         if not isinstance(tree, dict):
             raise FmalibError(f"params file {path} must hold a mapping at top level")
     for dotted, value in (overrides or {}).items():
-        _apply_override(tree, dotted, value, where)
-    validate(tree, SCHEMA, where)
-    _check_confident(tree["sams"], where)
-    check_ranges(tree, where)
+        _apply_override(tree, dotted, value, f"{where} ({(origins or {}).get(dotted, 'override')})")
+    try:
+        validate(tree, SCHEMA, where)
+        _check_confident(tree["sams"], where)
+        check_ranges(tree, where)
+    except FmalibError as exc:
+        culprit = next((k for k in (origins or {}) if k in (overrides or {}) and
+                        (f"key {k} " in str(exc) or f"key {k}." in str(exc))), None)
+        if culprit is None:
+            raise
+        given = f"{origins[culprit]} {culprit}={overrides[culprit]!r}"
+        raise FmalibError(str(exc).replace(f"{where}:", f"{given} (over {where}):", 1)) from None
     params = _wrap(tree)
     params.path = path
     return params

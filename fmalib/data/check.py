@@ -5,7 +5,8 @@ its mode is 8-bit RGB or converts to it (``voc.IMAGE_MODES``: grayscale, palette
 an error). Per label PNG (VOC layout): it exists, decodes, is a palette (P) or grayscale (L) PNG of class ids
 (an RGB PNG is an error: convert it to a palette/index PNG), has the image's size and only ids 0..C or 255.
 COCO: every image decodes and has the size its annotation file gives. Notes (not errors): converted modes,
-images smaller than ``min_side`` px on a side, labels without a foreground class.
+images smaller than ``min_side`` px on a side, labels without a foreground class, an EXIF orientation other than
+1 (images are read as displayed), hidden or temporary files in the data folders.
 """
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..core.cache import stray_files
 from ..core.errors import FmalibError
 from ..core.label_ids import BACKGROUND, IGNORE
 from .labels import LABEL_MODES, label_mode_problem
-from .voc import IMAGE_MODES, unsupported_mode
+from .voc import IMAGE_MODES, TRANSPOSING, exif_orientation, unsupported_mode
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,14 @@ def check_image(path: str | Path, min_side: int = 16) -> tuple[tuple[int, int] |
     if mode not in IMAGE_MODES:
         return None, [Problem(str(path), unsupported_mode(mode))]
     out = []
+    with Image.open(path) as img:
+        orientation = exif_orientation(img)
+    if orientation != 1:
+        out.append(Problem(str(path), f"EXIF orientation {orientation}: read {'rotated' if orientation in TRANSPOSING else 'flipped/rotated'} "
+                                      f"as viewers show it (as Detectron2 reads it); its label must be drawn on "
+                                      f"the displayed image", error=False))
+        if orientation in TRANSPOSING:
+            h, w = w, h
     if IMAGE_MODES[mode]:
         out.append(Problem(str(path), f"mode {mode}: {IMAGE_MODES[mode]}", error=False))
     if min(h, w) < min_side:
@@ -77,8 +87,10 @@ def check_label(path: str | Path, size: tuple[int, int] | None, num_classes: int
         return [Problem(str(path), _decode_error(exc))]
     out = []
     if size is not None and label.shape != tuple(size):
+        why = " (the image's EXIF orientation swaps its sides: see its note)" if label.shape == tuple(size)[::-1] \
+            else ""
         out.append(Problem(str(path), f"label is {label.shape[0]}x{label.shape[1]} but its image is "
-                                      f"{size[0]}x{size[1]}; expected equal sizes"))
+                                      f"{size[0]}x{size[1]}; expected equal sizes{why}"))
     ids = np.unique(label)
     bad = [int(v) for v in ids if num_classes < v < IGNORE]
     if bad:
@@ -96,6 +108,11 @@ def check_split(ds, min_side: int = 16, progress: bool = False) -> list[Problem]
     errors and notes (``Problem.error``)."""
     out: list[Problem] = []
     num_classes = len(ds.class_names)
+    folders = [ds.root / "JPEGImages", *(ds.root / d for d in getattr(ds, "_mask_dirs", ()))] \
+        if hasattr(ds, "gt_path") else [getattr(ds, "image_dir", ds.root)]
+    for folder in (f for f in folders if Path(f).is_dir()):
+        out += [Problem(str(p), "hidden or temporary file (left by an interrupted copy or write?): not read, not "
+                                "part of any fingerprint; delete it", error=False) for p in stray_files(folder)]
     for i in tqdm(range(len(ds)), desc=f"checking {getattr(ds, 'split', '')}", disable=not progress):
         try:
             path = ds.image_path(i)

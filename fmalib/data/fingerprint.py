@@ -11,17 +11,19 @@ from ..core.errors import FmalibError
 from . import open_dataset
 
 
-def split_files(ds, labels: bool = True) -> dict[str, Path]:
-    """{stable name: path} of the files that determine ``ds``'s items."""
-    files = {f"image/{image_id}": ds.image_path(i) for i, image_id in enumerate(ds.ids)}
-    if labels and hasattr(ds, "gt_path"):
-        for i, image_id in enumerate(ds.ids):
+def split_files(ds, labels: bool = True) -> list[tuple[str, Path]]:
+    """(stable name, path) of the files that determine ``ds``'s items, in the split's order: the order and
+    any repeat are part of what a split is (training follows it)."""
+    files = []
+    for i, image_id in enumerate(ds.ids):
+        files.append((f"image/{image_id}", ds.image_path(i)))
+        if labels and hasattr(ds, "gt_path"):
             try:
-                files[f"label/{image_id}"] = ds.gt_path(i)
+                files.append((f"label/{image_id}", ds.gt_path(i)))
             except FmalibError:  # no mask for this id: fingerprinted as missing
-                files[f"label/{image_id}"] = Path(os.devnull + ".missing")
+                files.append((f"label/{image_id}", Path(os.devnull + ".missing")))
     if labels and getattr(ds, "ann_file", None):
-        files["annotations"] = Path(ds.ann_file)
+        files.append(("annotations", Path(ds.ann_file)))
     return files
 
 

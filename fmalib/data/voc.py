@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..core.errors import FmalibError
 from ..core.label_ids import BACKGROUND, IGNORE
@@ -45,13 +45,45 @@ def _layout_error(what: str) -> FmalibError:
     return FmalibError(f"{what}\n{VOC_LAYOUT}")
 
 
+def _is_path_field(field: str) -> bool:
+    return "/" in field or Path(field).suffix.lower() in (".jpg", ".jpeg", ".png")
+
+
 def split_line_id(line: str) -> str:
     """The image id of one split-list line, in either common form: ``2007_000032`` (VOC's own lists) or
-    ``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`` (the usual train_aug.txt)."""
-    first = line.split()[0]
-    if "/" in first or Path(first).suffix.lower() in (".jpg", ".jpeg", ".png"):
-        return Path(first).stem
-    return first
+    ``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png`` (the usual train_aug.txt).
+
+    Fields are separated by whitespace, so an id cannot hold a space: a line that is neither one field nor
+    two path fields is an error (a file named ``s bus.jpg`` must be renamed, not read as ``s``)."""
+    fields = line.split()
+    if len(fields) == 1 or (len(fields) == 2 and all(map(_is_path_field, fields))):
+        return Path(fields[0]).stem if _is_path_field(fields[0]) else fields[0]
+    if len(fields) == 2 and fields[1].lstrip("-").isdigit():  # "id flag", as VOC's per-class lists
+        return fields[0]
+    raise ValueError(f"{line.strip()!r} is neither one id, an id and a flag, nor two paths (image, mask); "
+                     f"ids cannot hold spaces "
+                     f"(fields are separated by whitespace): rename the files without spaces")
+
+
+def read_split_list(path: Path) -> list[str]:
+    """The ids of a split list, in its order; a malformed line or a repeated id is one error naming the file
+    and every offending line (a repeat would be computed twice and weigh twice in training)."""
+    ids, lines, bad = [], {}, []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ids.append(split_line_id(line))
+        except ValueError as exc:
+            bad.append(f"line {n}: {exc}")
+            continue
+        lines.setdefault(ids[-1], []).append(n)
+    repeats = {i: ns for i, ns in lines.items() if len(ns) > 1}
+    bad += [f"id {i!r} repeated on lines {', '.join(map(str, ns))}" for i, ns in repeats.items()]
+    if bad:
+        raise FmalibError(f"split list {path}: {len(bad)} problem(s): " + "; ".join(bad[:20])
+                          + (f"; … and {len(bad) - 20} more" if len(bad) > 20 else ""))
+    return ids
 
 
 # PIL modes of 8-bit images read_image accepts -> what converting them to RGB does (None: nothing to convert)
@@ -75,19 +107,43 @@ def unsupported_mode(mode: str) -> str:
             f"save it as an 8-bit RGB JPEG or PNG")
 
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations that swap height and width
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of an open image (1 = as stored; 2..8 = flipped / rotated for display)."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except (ValueError, TypeError, OSError):  # a malformed EXIF block: read as stored
+        return 1
+
+
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of an 8-bit image file: grayscale, palette, RGBA / LA (alpha dropped), CMYK and
-    YCbCr images are converted to RGB (``IMAGE_MODES``). A file PIL cannot decode (truncated or corrupt,
-    not an image) or a 16-bit / float image is an FmalibError naming the file."""
+    """RGB uint8 (H, W, 3) of an 8-bit image file, as viewers show it: its EXIF orientation applied (as
+    Detectron2's ``read_image`` does), so labels drawn on the displayed photo line up. Grayscale, palette,
+    RGBA / LA (alpha dropped), CMYK and YCbCr images are converted to RGB (``IMAGE_MODES``). A file PIL cannot
+    decode (truncated or corrupt, not an image) or a 16-bit / float image is an FmalibError naming the file."""
     try:
         with Image.open(path) as img:
             if img.mode not in IMAGE_MODES:
                 raise FmalibError(f"image {path} {unsupported_mode(img.mode)}")
-            return np.array(img.convert("RGB"))
+            return np.array(ImageOps.exif_transpose(img).convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         # UnidentifiedImageError and 'image file is truncated' are OSErrors
         raise FmalibError(f"image {path} cannot be read ({type(exc).__name__}: {exc}); a truncated or corrupt "
                           f"file, or not an image? Re-download or re-save it") from exc
+
+
+def exif_hint(path: Path, label_shape: tuple[int, int]) -> str:
+    """Why an image and its label differ in size when the EXIF orientation is the cause, else ''."""
+    with Image.open(path) as img:
+        orientation, (w, h) = exif_orientation(img), img.size
+    if orientation in TRANSPOSING and tuple(label_shape) == (h, w):
+        return (f" — the image carries EXIF orientation {orientation}: fmalib reads it rotated as viewers show it "
+                f"({w}x{h}, H x W), its label has the stored size ({h}x{w}); draw the label on the displayed image, "
+                f"or re-save the image upright without the tag")
+    return ""
 
 
 class VOCDataset:
@@ -114,7 +170,7 @@ class VOCDataset:
             raise _layout_error(f"split list {list_path} does not exist (split {split!r})")
         if not any((self.root / d).is_dir() for d in self._mask_dirs):
             raise _layout_error(f"none of the mask folders {[str(self.root / d) for d in self._mask_dirs]} exists")
-        self.ids = [split_line_id(line) for line in list_path.read_text().splitlines() if line.strip()]
+        self.ids = read_split_list(list_path)
         self._labels: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -164,7 +220,7 @@ class VOCDataset:
         image, gt = self.load_image(i), self.load_gt(i)
         if image.shape[:2] != gt.shape:
             raise FmalibError(f"image {self.image_path(i)} is {image.shape[:2]} but its mask {self.gt_path(i)} "
-                              f"is {gt.shape}; expected equal sizes")
+                              f"is {gt.shape}; expected equal sizes{exif_hint(self.image_path(i), gt.shape)}")
         return {"id": self.ids[i], "image": image, "labels": self.image_labels(i, gt), "gt": gt}
 
     def __repr__(self) -> str:

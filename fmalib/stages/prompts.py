@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.cache import StageCache, atomic_torch_save, atomic_write_text, dir_fingerprint
+from ..core.cache import StageCache, atomic_torch_save, atomic_write_text, dir_fingerprint, stray_files
 from ..core.device import get_device
 from ..core.errors import FmalibError
 from ..data import open_dataset
@@ -64,6 +64,10 @@ def train_cache(params, stage: str, seeds_dir: str | Path | None = None) -> Stag
         if not seeds_dir.is_dir():
             raise FmalibError(f"seeds_dir {seeds_dir} does not exist (expected <image id>.png seed label maps)")
         seeds = dir_fingerprint(seeds_dir)
+        stray = stray_files(seeds_dir)
+        if stray:
+            log.warning("seeds folder %s holds %d hidden or temporary file(s), not part of its fingerprint (left by "
+                        "an interrupted write?): %s", seeds_dir, len(stray), ", ".join(p.name for p in stray[:5]))
     key = {"stage": stage, "prompts": common, "stage_cfg": pr[stage], "classes": params["classes"],
            "clip": clip_fingerprint(params), "data": split_key(params, params["data"]["train_split"]),
            "seed": int(params["seed"]), "seeds": seeds, "device": device}

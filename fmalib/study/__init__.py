@@ -14,12 +14,16 @@ def setup(params_path: str | os.PathLike, fast: bool = False, overrides: Mapping
     """Params for a run. ``fast`` applies the file's own ``fast:`` overrides (a tiny slice for tests/smoke
     runs); explicit ``overrides`` (dotted keys) and ``device`` are applied last."""
     merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if fast:
         merged.update(load_params(params_path).fast)
+        origins.update(dict.fromkeys(merged, "fast:"))
     merged.update(overrides or {})
+    origins.update(dict.fromkeys(overrides or {}, "--set"))
     if device:
         merged["device"] = device
-    params = load_params(params_path, merged)
+        origins["device"] = "--device"
+    params = load_params(params_path, merged, origins)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     seed_everything(params.seed)
     return params
