@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -24,27 +25,41 @@ import numpy as np
 import torch
 
 from .code_key import changed_modules, code_manifest
-from .errors import FmalibError
+from .errors import FmalibError, io_error
+from .locks import holders, try_lock, unlock
 
 log = logging.getLogger(__name__)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def make_dir(path: str | os.PathLike) -> Path:
+    """``mkdir -p``; a read-only or full file system is one FmalibError naming the folder."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise io_error(exc, path, "create the folder") from None
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success rename it onto ``path``, on error remove it."""
+    """Yield a temp path beside ``path``; on success rename it onto ``path``, on error remove it. An OSError
+    while writing (no space left, read-only, permission) is one FmalibError naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    make_dir(path.parent)
+    tmp = None
     try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
+    except OSError as exc:
+        raise io_error(exc, path) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
@@ -89,6 +104,28 @@ def _strip_zip_times(data: bytes) -> bytes:
             fixed.external_attr = info.external_attr
             dst.writestr(fixed, src.read(info.filename))
     return out.getvalue()
+
+
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether a cache file is whole, from its last bytes: npz / torch files end with a zip directory, PNGs
+    with IEND, JSON parses; other files are whole when not empty."""
+    suffix = path.suffix
+    try:
+        if suffix in (".npz", ".pt", ".pth"):
+            return zipfile.is_zipfile(path)
+        if suffix == ".png":
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - len(PNG_END)))
+                return f.read() == PNG_END
+        if suffix == ".json":
+            json.loads(path.read_text())
+            return True
+        return path.stat().st_size > 0
+    except (OSError, ValueError):
+        return False
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -201,6 +238,8 @@ class StageCache:
     ``reason`` says why the directory is new (None when it existed): which key parts differ from the
     stage's most recent other cache, so a log line can say what a recomputation answers."""
 
+    last: "StageCache | None" = None  # the most recently opened cache: what an interrupted run kept
+
     def __init__(self, root: str | os.PathLike, stage: str, key_obj: Any, code: str):
         self.stage = stage
         manifest = code_manifest(code)
@@ -208,7 +247,8 @@ class StageCache:
         self.dir = Path(root) / stage / self.key
         meta = self.dir / "key.json"
         self.reason = None if meta.is_file() else _why_new(self.dir.parent, key_obj, manifest)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
+        StageCache.last = self
         if not meta.exists():
             atomic_write_text(meta, strict_json({"stage": stage, "key": key_obj, "code": manifest},
                                                sort_keys=True, indent=1, default=str))
@@ -226,7 +266,63 @@ class StageCache:
         return self.dir / f"{item_id}{ext}"
 
     def has(self, item_id: str, ext: str = ".npz") -> bool:
-        return self.path(item_id, ext).is_file()
+        """Whether the item is cached, whole: a truncated file (copied or damaged after its atomic write) is
+        removed, with a log line, and counts as not cached, so the stage recomputes it."""
+        path = self.path(item_id, ext)
+        if not path.is_file():
+            return False
+        if is_complete(path):
+            return True
+        log.warning("cache file %s is incomplete (truncated?): removing it; it is recomputed", path)
+        path.unlink(missing_ok=True)
+        return False
+
+    def claim_each(self, ids: Sequence[str], ext: str = ".npz", force: bool = False,
+                   poll_s: float = 0.5) -> Iterator[str]:
+        """The ids this process computes, each under its lock while the caller computes it: ids already
+        cached are skipped (unless ``force``), ids another live process holds are left to it and waited
+        for at the end (one log line), and taken over if it stops without writing them."""
+        waiting = []
+        for item_id in ids:
+            if force or not self.has(item_id, ext):
+                if try_lock(self.path(item_id, ext)):
+                    yield from self._locked(item_id, ext)
+                else:
+                    waiting.append(item_id)
+        if waiting:
+            log.info("%s: waiting for %d item(s) another process is computing (%s) in %s", self.stage,
+                     len(waiting), holders([self.path(i, ext) for i in waiting]), self.dir)
+        while waiting:
+            rest = []
+            for item_id in waiting:
+                if self.has(item_id, ext):
+                    continue
+                if try_lock(self.path(item_id, ext)):
+                    yield from self._locked(item_id, ext)
+                else:
+                    rest.append(item_id)
+            waiting = rest
+            if waiting:
+                time.sleep(poll_s)
+
+    @contextlib.contextmanager
+    def exclusive(self, item_id: str, ext: str, poll_s: float = 0.5) -> Iterator[None]:
+        """Hold the item's lock for the block, waiting (one log line) while another live process holds it."""
+        path = self.path(item_id, ext)
+        if not try_lock(path):
+            log.info("%s: waiting for another process (%s) computing %s", self.stage, holders([path]), path)
+            while not try_lock(path):
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            unlock(path)
+
+    def _locked(self, item_id: str, ext: str) -> Iterator[str]:
+        try:
+            yield item_id
+        finally:
+            unlock(self.path(item_id, ext))
 
     def save_npz(self, item_id: str, **arrays: np.ndarray) -> Path:
         return atomic_save_npz(self.path(item_id), **arrays)

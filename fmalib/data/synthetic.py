@@ -30,7 +30,7 @@ from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from ..core.code_key import code_digest
-from ..core.errors import FmalibError
+from ..core.errors import FmalibError, io_error
 from ..core.label_ids import IGNORE
 from .labels import label_to_png_bytes, read_label_png
 
@@ -591,6 +591,13 @@ def write_benchmark(root: str | os.PathLike, n_train: int, n_val: int, seed: int
         elif json.loads(mpath.read_text()) == manifest:
             log.info("synthetic benchmark already at %s (seed %s, %d/%d)", root, seed, n_train, n_val)
             return root
+    try:
+        return _write_benchmark(root, manifest, n_train, n_val, seed, size_range, workers)
+    except OSError as exc:
+        raise io_error(exc, getattr(exc, "filename", None) or root, "write the synthetic benchmark at") from None
+
+
+def _write_benchmark(root: Path, manifest: dict, n_train: int, n_val: int, seed: int, size_range, workers: int):
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     if tmp.exists():

@@ -86,8 +86,10 @@ def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, in
     with torch.no_grad():
         text = pset()
     threshold = float(params["cam"]["caa_threshold"][prompts])
-    for j in tqdm(todo, desc=f"CAMs {prompts}/{split}", disable=not progress):
-        item = ds[j]
+    index = {ds.ids[j]: j for j in todo}
+    for image_id in tqdm(cache.claim_each(list(index), force=force), total=len(todo), desc=f"CAMs {prompts}/{split}",
+                         disable=not progress):
+        item = ds[index[image_id]]
         warn_tiny_image(model, item["id"], item["image"].shape[:2], params["cam"]["max_side"])
         res = image_cams(model, text, pset.n_fg, item["image"], item["labels"], params["cam"], threshold,
                          params["cam"]["caa_source"][prompts])

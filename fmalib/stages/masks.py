@@ -63,14 +63,16 @@ def run_mask_stage(params, split: str | None = None, shard: tuple[int, int] | No
         return cache
     log.info("mask generator: %s", generator_spec(params).label)
     generator = build_mask_generator(params, model, launcher_device(params["device"]))
-    per_level = np.zeros(3, np.int64)
-    for j in tqdm(todo, desc=f"SAM masks {split} {shard[0]}/{shard[1]}"):
-        item = dataset[j]
-        masks = generator.generate(item["image"])
-        save_masks(cache, item["id"], masks)
+    per_level, computed = np.zeros(3, np.int64), 0
+    index = {dataset.ids[j]: j for j in todo}
+    for image_id in tqdm(cache.claim_each(list(index), force=force), total=len(todo),
+                         desc=f"SAM masks {split} {shard[0]}/{shard[1]}"):
+        masks = generator.generate(dataset[index[image_id]]["image"])
+        save_masks(cache, image_id, masks)
         per_level += np.bincount(masks.levels, minlength=3)[:3]
-    log.info("SAM masks of %s shard %d/%d: cached %d images in %s; masks per image: %s", split, shard[0],
-             shard[1], len(todo), cache.dir,
-             ", ".join(f"{name} {c / len(todo):.1f}" for name, c in zip(LEVELS, per_level)))
+        computed += 1
+    log.info("SAM masks of %s shard %d/%d: computed %d images (%d by another process) in %s; masks per image: %s",
+             split, shard[0], shard[1], computed, len(todo) - computed, cache.dir,
+             ", ".join(f"{name} {c / max(computed, 1):.1f}" for name, c in zip(LEVELS, per_level)))
     return cache
 

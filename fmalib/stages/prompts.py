@@ -143,9 +143,15 @@ def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = Non
 
     Resumes from ``ckpt.pt`` when one is there. ``stop_after`` ends the run early after that many
     iterations (a checkpoint is written) — used to test resuming. ``force`` trains from scratch, replacing
-    a finished or interrupted run of the same key.
+    a finished or interrupted run of the same key. A second process training the same prompts waits for the
+    first and reads its result.
     """
     cache = train_cache(params, stage, seeds_dir)
+    with cache.exclusive("context", ".pt"):
+        return _train(params, stage, cache, seeds_dir, model, progress, stop_after, force)
+
+
+def _train(params, stage, cache, seeds_dir, model, progress, stop_after, force) -> TrainResult:
     out = cache.dir
     res = TrainResult(stage, out, out / "context.pt", out / "loss.csv")
     iters = int(params["prompts"][stage]["iters"])

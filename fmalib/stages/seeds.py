@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..core.cache import StageCache, atomic_write_text, strict_json
+from ..core.cache import StageCache, atomic_write_text, stray_files, strict_json
 from ..core.errors import FmalibError
 from ..data import open_dataset
 from ..data.labels import read_label_png, write_label_png
@@ -175,8 +175,8 @@ def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tu
     log.info("SAMS %s seeds of %s shard %d/%d (p=%.3g): %s", stage, split, shard[0], shard[1], p,
              cache.status(len(todo), len(mine), force))
     levels = params["sams"]["levels"]
-    for j in tqdm(todo, desc=f"SAMS {stage} seeds"):
-        image_id = dataset.ids[j]
+    ids = [dataset.ids[j] for j in todo]
+    for image_id in tqdm(cache.claim_each(ids, ".png", force=force), total=len(ids), desc=f"SAMS {stage} seeds"):
         cams, labels = load_cam(image_id)
         image = prepare(load_masks(masks_cache, image_id), cams, labels, levels)
         label, _ = sams_assign(image, p, result.stats)
@@ -184,6 +184,11 @@ def make_seeds(params, split: str, cam_source, stage: str = "fine", *, shard: tu
             fallback.add(image_id)
             atomic_write_text(fallback_path, json.dumps(sorted(fallback)))
         write_label_png(cache.path(image_id, ".png"), label)
+    stray = stray_files(cache.dir, "*.png")
+    if stray:
+        log.warning("SAMS %s: %s holds %d temporary file(s) of an interrupted write (or of a process writing now), "
+                    "not seeds and not part of any fingerprint: %s", stage, cache.dir, len(stray),
+                    ", ".join(p.name for p in stray[:5]))
     if result.stats["fallback"]:
         log.warning("SAMS %s: %d images had no SAM mask and fell back to the CAM argmax", stage,
                     result.stats["fallback"])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from ..core.cache import atomic_write_text
+from ..core.cache import StageCache, atomic_write_text
 from ..core.errors import FmalibError
 from ..core.params import default_report_dir, load_params, repo_root
 from ..data import open_dataset
@@ -280,4 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     except FmalibError as exc:
         print(f"fmalib {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        cache = StageCache.last
+        files = [p for p in cache.dir.iterdir() if not p.name.startswith(".") and p.name != "key.json"] \
+            if cache is not None and cache.dir.is_dir() else []
+        kept = f"; {len(files)} finished file(s) kept in {cache.dir}" if cache is not None else ""
+        print(f"fmalib {args.command}: interrupted{kept}; every finished item is kept — rerun the same command "
+              f"to resume", file=sys.stderr)
+        return 130
     return 0
