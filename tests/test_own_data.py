@@ -217,7 +217,6 @@ def test_two_mask_processes_on_one_shard_compute_each_image_once(tmp_path):
             "--set", f"workdir={tmp_path}/work", "--set", f"data.root={tmp_path}/data",
             "--set", "data.synthetic.n_train=6", "--set", "data.synthetic.n_val=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(args[:3] + ["data"] + args[4:], env=env, capture_output=True, check=True)  # data once
     procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
