@@ -98,7 +98,8 @@ def test_stage_cache_resumes_after_interruption(tmp_path):
     cache = run(["1", "2", "3", "4"])
     assert calls == ["1", "2", "3", "4"]  # 1 and 2 were not recomputed
     assert cache.done_ids() == {"1", "2", "3", "4"}
-    assert StageCache(tmp_path, "cams", {"p": 2}, code="fmalib.stages.cams").dir != cache.dir  # other params, other directory
+    other = StageCache(tmp_path, "cams", {"p": 2}, code="fmalib.stages.cams")
+    assert other.dir != cache.dir  # other params, other directory
     assert stable_hash({"a": 1, "b": 2}) == stable_hash({"b": 2, "a": 1})
 
 

@@ -72,7 +72,8 @@ NOT_VARIED = ("data.", "classes.names", "device")
 
 CHOICES = {"masks.generator": "sam2", "sam.model_type": "vit_b", "clip.model": "fmalib-tiny-clip",
            "cam.target": "score", "cam.target_layer": "block_input", "prompts.cls.loss": "bg_negatives",
-           "prompts.seg.layout": "shared_end", "prompts.seg.pairs": "image", "prompts.hand_template": "a drawing of a {}.", "sams.levels": [1, 2],
+           "prompts.seg.layout": "shared_end", "prompts.seg.pairs": "image",
+           "prompts.hand_template": "a drawing of a {}.", "sams.levels": [1, 2],
            "sams.bg_power_coarse": 0.5, "sams.bg_power_fine": 0.5, "stage2.model": "deeplabv3plus",
            "stage2.backbone_depth": 34, "stage2.weights_style": "msra", "stage2.norm": "GN",
            "stage2.loss": "hard_pixel_mining", "stage2.lr_schedule": "cosine", "foundation.clip.pool": "class_token",
