@@ -155,6 +155,29 @@ def test_a_full_disk_is_one_error_naming_the_file_and_nothing_is_left(tmp_path, 
     assert list(target.parent.iterdir()) == []  # no temp file, no half file
 
 
+@pytest.fixture()
+def tiny_tmpfs(tmp_path):
+    """A 64 KiB tmpfs, where this machine lets a test mount one (root, mount allowed)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; the injected-OSError tests cover the messages")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_real_full_disk_and_read_only_mount(tiny_tmpfs):
+    target = tiny_tmpfs / "work" / "masks" / "a.npz"
+    with pytest.raises(FmalibError, match=rf"^could not write {target}: No space left on device — "):
+        atomic_write_bytes(target, os.urandom(200_000))
+    assert list(target.parent.iterdir()) == []
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
+    with pytest.raises(FmalibError, match=r"^could not create the folder .*: Read-only file system — the file "
+                                          r"system is read-only: point workdir at a writable folder"):
+        StageCache(tiny_tmpfs / "other", "masks", {"k": 4}, code=CODE)
+
+
 def test_cli_on_a_read_only_workdir_says_so_without_a_traceback(tmp_path, monkeypatch, capsys):
     _fail_with(monkeypatch, errno.EROFS, "mkdir")
     rc = cli.main(["masks", "--params", "params/toy.yaml", "--fast", "--set", f"workdir={tmp_path}/wd_x",
