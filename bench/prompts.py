@@ -31,7 +31,8 @@ from fmalib.method.objectives import cls_batch_loss, seg_batch_loss
 from fmalib.method.prompts import build_prompts
 from fmalib.models.checkpoints import clip_fingerprint, load_clip_from_params
 from fmalib.stages.cams import argmax_seed_miou
-from fmalib.stages.prompts import classification_map, load_context, train_prompts
+from fmalib.stages.prompt_runs import load_context
+from fmalib.stages.prompts import classification_map, train_prompts
 from fmalib.stages.seeds import seg_training_seeds
 
 log = logging.getLogger("bench.prompts")

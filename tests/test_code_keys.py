@@ -103,6 +103,10 @@ def test_closures_follow_the_imports():
     assert "fmalib.method.generator" in masks and "fmalib.method.generator" not in cams
     assert "fmalib.method.sams" in seeds and "fmalib.method.sams" not in masks + cams
     assert "fmalib.method.caa" in cams and {"fmalib", "fmalib.method", "fmalib.core.cache"} <= set(cams)
+    # the CAM stage reads trained contexts (prompt_runs), not the loop that trains them: a training edit
+    # reaches CAMs through the context file's content only
+    assert "fmalib.stages.prompt_runs" in cams and "fmalib.stages.prompts" not in cams + seeds
+    assert "fmalib.method.objectives" not in cams
     assert not any(m.startswith(("fmalib.segment", "fmalib.study", "fmalib.pretrain")) for m in masks + cams + seeds)
     # one digest per module: a manifest names what changed
     assert set(code_manifest("fmalib.stages.cams")) == set(cams)

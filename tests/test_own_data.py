@@ -25,7 +25,7 @@ from fmalib.data.fingerprint import split_key
 from fmalib.data.labels import write_label_png
 from fmalib.data.layouts import write_voc_layout
 from fmalib.data.voc import VOCDataset, read_image
-from fmalib.stages.prompts import train_cache
+from fmalib.stages.prompt_runs import train_cache
 from fmalib.study import cli, setup
 
 REPO = Path(__file__).resolve().parents[1]

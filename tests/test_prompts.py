@@ -9,7 +9,8 @@ from fmalib.method.objectives import cls_batch_loss, seg_batch_loss
 from fmalib.method.prompts import ClsPromptLearner, HandPrompts, SegPromptLearner, fg_similarity
 from fmalib.models.clip import get_tokenizer, load_clip, token_embedding
 from fmalib.stages.prompt_data import augment, batch_indices
-from fmalib.stages.prompts import classification_map, load_context, lr_at, save_context, train_prompts
+from fmalib.stages.prompt_runs import load_context, save_context
+from fmalib.stages.prompts import classification_map, lr_at, train_prompts
 
 NAMES = ["ball", "person with clothes,people,human", "boat"]
 BG = ["grass", "sky"]

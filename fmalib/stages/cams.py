@@ -22,7 +22,7 @@ from ..method.prompts import build_prompts
 from ..method.seed_rules import bg_threshold_sweep, cam_argmax_seeds
 from ..models.checkpoints import clip_fingerprint, load_clip_from_params
 from ..models.clip import input_size, patch_size
-from .prompts import load_context, trained_context_path
+from .prompt_runs import load_context, trained_context_path
 from .shards import launcher_device, resolve_shard, shard_indices
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from ..models.checkpoints import load_clip_from_params
 from ..segment import evaluate_segmenter, run_dir, train_segmenter
 from ..stages.cams import argmax_seed_miou, run_cam_stage
 from ..stages.masks import run_mask_stage
-from ..stages.prompts import classification_map, load_context, train_prompts
+from ..stages.prompt_runs import load_context
+from ..stages.prompts import classification_map, train_prompts
 from ..stages.seeds import cam_argmax_seed_dir, evaluate_seeds, make_seeds
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,91 @@
+"""Where trained prompts live: the key of a prompt-training run (its directory under ``workdir/prompts_<stage>``),
+the finished run's context file, and context files written and read back. Apart from the training loop
+(``fmalib.stages.prompts``) so that the stages reading trained prompts (the CAM stage) do not hold the loop's code
+in their cache keys — their keys hold the context file's content instead."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..core.cache import StageCache, atomic_torch_save, dir_fingerprint, stray_files
+from ..core.device import get_device
+from ..core.errors import FmalibError
+from ..data.fingerprint import split_key
+from ..method.prompts import PromptSet
+from ..models.checkpoints import clip_fingerprint
+from .shards import fill_command
+
+log = logging.getLogger(__name__)
+
+STAGES = ("cls", "seg")
+TRAINER = "fmalib.stages.prompts"  # the module whose code a training run's key holds
+
+
+def train_cache(params, stage: str, seeds_dir: str | Path | None = None) -> StageCache:
+    """Output dir of a training run: keyed by everything that changes its result."""
+    if stage not in STAGES:
+        raise FmalibError(f"prompt stage {stage!r}; expected one of {STAGES}")
+    pr = params["prompts"]
+    device = get_device(params["device"]).type
+    # not the other stage's settings, the CLIP-ES template, checkpoint spacing or loader workers; AMP only
+    # acts on CUDA
+    common = {k: v for k, v in pr.items() if k not in STAGES + ("hand_template", "ckpt_every", "num_workers", "amp")}
+    common["amp"] = bool(pr["amp"]) and device == "cuda"
+    seeds = None
+    if stage == "seg":
+        if seeds_dir is None:
+            raise FmalibError("train_prompts(stage='seg') needs seeds_dir: a folder of <image id>.png seed maps")
+        seeds_dir = Path(seeds_dir)
+        if not seeds_dir.is_dir():
+            raise FmalibError(f"seeds_dir {seeds_dir} does not exist (expected <image id>.png seed label maps)")
+        seeds = dir_fingerprint(seeds_dir)
+        stray = stray_files(seeds_dir)
+        if stray:
+            log.warning("seeds folder %s holds %d hidden or temporary file(s), not part of its fingerprint (left by "
+                        "an interrupted write?): %s", seeds_dir, len(stray), ", ".join(p.name for p in stray[:5]))
+    key = {"stage": stage, "prompts": common, "stage_cfg": pr[stage], "classes": params["classes"],
+           "clip": clip_fingerprint(params), "data": split_key(params, params["data"]["train_split"]),
+           "seed": int(params["seed"]), "seeds": seeds, "device": device}
+    if stage == "seg":  # the seg loss differentiates Grad-CAMs of this target
+        key["cam_target"] = params["cam"]["target"]
+        key["cam_target_layer"] = params["cam"]["target_layer"]
+    return StageCache(params.resolve_path("workdir"), f"prompts_{stage}", key, code=TRAINER)
+
+
+def trained_context_path(params, stage: str, seeds_dir: str | Path | None = None) -> Path:
+    """context.pt of the finished ``train_prompts(params, stage, seeds_dir)`` run; an error if not trained."""
+    path = train_cache(params, stage, seeds_dir).dir / "context.pt"
+    if not path.is_file():
+        why = "none trained on these seeds (new or changed coarse seeds?)" if stage == "seg" else "not trained"
+        raise FmalibError(f"no trained {stage} prompts at {path}: {why}; run `{fill_command(params, 'prompts')}` "
+                          f"(with this run's --set / --fast options) or fmalib.stages.prompts.train_prompts(params, "
+                          f"{stage!r}{', seeds_dir=...' if stage == 'seg' else ''}) first")
+    return path
+
+
+def save_context(prompts: PromptSet, path: str | os.PathLike, **meta) -> Path:
+    """Contexts only (+ small metadata), written atomically."""
+    return atomic_torch_save(path, {"state": prompts.context_state(), "texts": prompts.texts, **meta})
+
+
+def load_context(prompts: PromptSet, path: str | os.PathLike) -> PromptSet:
+    """Load contexts saved by ``save_context`` (or a training checkpoint) into ``prompts``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FmalibError(f"prompt context file {path} does not exist (train the prompts first: "
+                          f"fmalib.stages.prompts.train_prompts)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob.get("state") if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        raise FmalibError(f"prompt context file {path} has no 'state' mapping of context tensors")
+    own = prompts.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        want = {k: tuple(v.shape) for k, v in own.items()}
+        raise FmalibError(f"prompt context file {path} holds {got}; these prompts expect {want} "
+                          f"(another prompt kind, class list or n_ctx?)")
+    prompts.load_state_dict(state)
+    return prompts
