@@ -41,7 +41,7 @@ SCHEMA: dict[str, Any] = {
     # (sam2.1_hiera_t | _s | _b+ | _l, sam2_hiera_*), its checkpoint (null = random init: speed only), input size
     "sam2": {"config": str, "checkpoint": (str, None), "image_size": int},
     "foundation": {"clip": dict, "sam": dict},
-    "prompts": {  # CoOp prompt learning (fmalib/prompts.py, fmalib/train.py; METHOD §2-3)
+    "prompts": {  # CoOp prompt learning (fmalib/method/prompts.py, fmalib/stages/prompts.py; METHOD §2-3)
         "n_ctx": int,
         "hand_template": str,  # CLIP-ES baseline, e.g. "a clean origami {}."
         "batch_size": int,
@@ -61,7 +61,7 @@ SCHEMA: dict[str, Any] = {
                 "layout": str,  # specific_front (VOC) | shared_end (COCO: one context, name last, bg words)
                 "pairs": str},  # crop (VOC: classes in the cropped seed map) | image (COCO: image labels)
     },
-    "cam": {  # Grad-CAM + CAA (fmalib/cam.py; METHOD §4)
+    "cam": {  # Grad-CAM + CAA (fmalib/method/cam.py, fmalib/method/caa.py; METHOD §4)
         "target": str,  # prob | score
         "target_layer": str,  # ln1_out (the original's) | block_input
         "caa_source": {"hand": str, "cls": str, "seg": str},  # normalized | raw: the CAM that CAA propagates
@@ -72,7 +72,7 @@ SCHEMA: dict[str, Any] = {
         "bg_thresholds": [float],  # CAM-argmax seed sweep (picked on train)
         "max_side": (int, None),  # CLIP input's long side capped at this (attention memory); null = no cap
     },
-    "masks": {  # SAM automatic masks with levels (fmalib/masks.py; METHOD §5)
+    "masks": {  # SAM automatic masks with levels (fmalib/method/generator.py; METHOD §5)
         "generator": str,  # sam (segment_anything, params.sam) | sam2 (the sam2 package, params.sam2)
         "points_per_side": int,
         "points_per_batch": int,
@@ -89,7 +89,7 @@ SCHEMA: dict[str, Any] = {
         "whole_nms_bonus": float,  # + on whole masks' NMS score
         "overlap_thresh": float,  # part/subpart kept if max |m ∩ kept| / |m| < this
     },
-    "sams": {  # SAMS seeding (fmalib/sams.py, fmalib/seeds.py)
+    "sams": {  # SAMS seeding (fmalib/method/sams.py, fmalib/stages/seeds.py)
         "bg_power_coarse": (float, str),  # a number, or "auto": GT-free choice (fmalib.method.sams.choose_bg_power)
         "bg_power_fine": (float, str),
         "power_grid": [float],  # candidates for "auto" and the GT sweep of the ablation

@@ -11,7 +11,7 @@ from ..core.params import Params, load_params
 
 def setup(params_path: str | os.PathLike, fast: bool = False, overrides: Mapping[str, Any] | None = None,
           device: str | None = None) -> Params:
-    """Params for a run. ``fast`` applies the file's own ``fast:`` overrides (a tiny slice for tests/smoke
+    """Params for a run. ``fast`` applies the file's own ``fast:`` overrides (a tiny slice for tests and smoke
     runs); explicit ``overrides`` (dotted keys) and ``device`` are applied last."""
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
