@@ -282,28 +282,21 @@ class StageCache:
         """The ids this process computes, each under its lock while the caller computes it: ids already
         cached are skipped (unless ``force``), ids another live process holds are left to it and waited
         for at the end (one log line), and taken over if it stops without writing them."""
-        waiting = []
-        for item_id in ids:
-            if force or not self.has(item_id, ext):
-                if try_lock(self.path(item_id, ext)):
-                    yield from self._locked(item_id, ext)
-                else:
-                    waiting.append(item_id)
-        if waiting:
-            log.info("%s: waiting for %d item(s) another process is computing (%s) in %s", self.stage,
-                     len(waiting), holders([self.path(i, ext) for i in waiting]), self.dir)
-        while waiting:
-            rest = []
-            for item_id in waiting:
-                if self.has(item_id, ext):
-                    continue
-                if try_lock(self.path(item_id, ext)):
-                    yield from self._locked(item_id, ext)
-                else:
-                    rest.append(item_id)
-            waiting = rest
-            if waiting:
+        pending, first_pass = list(ids), True
+        while pending:
+            waiting = []
+            for item_id in pending:
+                if (first_pass and force) or not self.has(item_id, ext):  # later passes: another process's result
+                    if try_lock(self.path(item_id, ext)):
+                        yield from self._locked(item_id, ext)
+                    else:
+                        waiting.append(item_id)
+            if waiting and first_pass:
+                log.info("%s: waiting for %d item(s) another process is computing (%s) in %s", self.stage,
+                         len(waiting), holders([self.path(i, ext) for i in waiting]), self.dir)
+            elif waiting:
                 time.sleep(poll_s)
+            pending, first_pass = waiting, False
 
     @contextlib.contextmanager
     def exclusive(self, item_id: str, ext: str, poll_s: float = 0.5) -> Iterator[None]:

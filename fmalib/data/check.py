@@ -22,7 +22,7 @@ from ..core.cache import stray_files
 from ..core.errors import FmalibError
 from ..core.label_ids import BACKGROUND, IGNORE
 from .labels import LABEL_MODES, label_mode_problem
-from .voc import IMAGE_MODES, TRANSPOSING, exif_orientation, unsupported_mode
+from .voc import IMAGE_MODES, TRANSPOSING, exif_hint, exif_orientation, unsupported_mode
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,17 @@ def check_image(path: str | Path, min_side: int = 16) -> tuple[tuple[int, int] |
             img.verify()
         with Image.open(path) as img:
             img.load()
-            mode, (w, h) = img.mode, img.size
+            mode, (w, h), orientation = img.mode, img.size, exif_orientation(img)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return None, [Problem(str(path), _decode_error(exc))]
     if mode not in IMAGE_MODES:
         return None, [Problem(str(path), unsupported_mode(mode))]
     out = []
-    with Image.open(path) as img:
-        orientation = exif_orientation(img)
     if orientation != 1:
-        out.append(Problem(str(path), f"EXIF orientation {orientation}: read {'rotated' if orientation in TRANSPOSING else 'flipped/rotated'} "
-                                      f"as viewers show it (as Detectron2 reads it); its label must be drawn on "
-                                      f"the displayed image", error=False))
+        turned = "rotated" if orientation in TRANSPOSING else "flipped/rotated"
+        out.append(Problem(str(path), f"EXIF orientation {orientation}: read {turned} as viewers show it (as "
+                                      f"Detectron2 reads it); its label must be drawn on the displayed image",
+                           error=False))
         if orientation in TRANSPOSING:
             h, w = w, h
     if IMAGE_MODES[mode]:
@@ -73,8 +72,10 @@ def check_image(path: str | Path, min_side: int = 16) -> tuple[tuple[int, int] |
     return (h, w), out
 
 
-def check_label(path: str | Path, size: tuple[int, int] | None, num_classes: int) -> list[Problem]:
-    """Problems of one label PNG: mode, size (``size`` = the image's (H, W), None: not compared), class ids."""
+def check_label(path: str | Path, size: tuple[int, int] | None, num_classes: int,
+                image_path: Path | None = None) -> list[Problem]:
+    """Problems of one label PNG: mode, size (``size`` = the image's (H, W) as displayed, None: not compared;
+    ``image_path`` lets a size mismatch name an EXIF rotation as its cause), class ids."""
     path = Path(path)
     try:
         with Image.open(path) as img:
@@ -87,8 +88,7 @@ def check_label(path: str | Path, size: tuple[int, int] | None, num_classes: int
         return [Problem(str(path), _decode_error(exc))]
     out = []
     if size is not None and label.shape != tuple(size):
-        why = " (the image's EXIF orientation swaps its sides: see its note)" if label.shape == tuple(size)[::-1] \
-            else ""
+        why = exif_hint(image_path, label.shape) if image_path is not None else ""
         out.append(Problem(str(path), f"label is {label.shape[0]}x{label.shape[1]} but its image is "
                                       f"{size[0]}x{size[1]}; expected equal sizes{why}"))
     ids = np.unique(label)
@@ -128,7 +128,7 @@ def check_split(ds, min_side: int = 16, progress: bool = False) -> list[Problem]
             except FmalibError as exc:
                 out.append(Problem(str(ds.ids[i]), str(exc).splitlines()[0]))
             else:
-                out += check_label(gt_path, size, num_classes)
+                out += check_label(gt_path, size, num_classes, path if size is not None else None)
         elif hasattr(ds, "image_size") and size is not None and size != ds.image_size(i):
             out.append(Problem(str(path), f"image is {size[0]}x{size[1]} but {ds.ann_file} gives it "
                                           f"{ds.image_size(i)[0]}x{ds.image_size(i)[1]}; expected equal sizes"))

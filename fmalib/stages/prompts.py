@@ -8,7 +8,8 @@ SGD with momentum, constant warm-up lr then cosine to 0, AMP only on CUDA; batch
 ``fmalib.stages.prompt_data``. Output dir = workdir/prompts_<stage>/<key>: ``ckpt.pt`` (contexts + optimizer,
 every ``ckpt_every`` iterations), ``context.pt`` (contexts only, when finished), ``loss.csv`` (per iteration:
 loss, lr, seconds and the mean cosine between foreground prompts, ``fmalib.method.prompts.fg_similarity``);
-the run's key and its context files: ``fmalib.stages.prompt_runs``. ``classification_map`` scores trained or hand prompts as a multi-label classifier over a split.
+the run's key and its context files: ``fmalib.stages.prompt_runs``. ``classification_map`` scores trained or
+hand prompts as a multi-label classifier over a split.
 """
 from __future__ import annotations
 
