@@ -22,7 +22,8 @@ timm, huggingface_hub, safetensors, tqdm, matplotlib) and no package registry, c
 ``bash tools/gpu_wheels.sh`` (here, with PyPI) writes gpu_wheels/ (git-ignored): the pure-Python
 open_clip_torch, ftfy, wcwidth, segment_anything, the Detectron2 wheel from .cache/detectron2 (make install
 builds it) with fvcore, iopath, yacs, termcolor, tabulate, cloudpickle, portalocker, omegaconf, hydra-core,
-antlr4-python3-runtime, and pycocotools (compiled: built for the device's Python, default 3.12). Then, in the
+antlr4-python3-runtime, and the compiled pycocotools and grimp (cache keys need it), built for the device's
+Python, default 3.12. Then, in the
 repo root there (carry gpu_wheels):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site gpu_wheels/*.whl && PYTHONPATH=/tmp/site:. python3 bench/gpu.py
 fmalib itself runs from the checkout (PYTHONPATH=.); nothing is downloaded (random-init models only).

@@ -6,7 +6,7 @@
 #   bash tools/gpu_wheels.sh [PYTHON_VERSION]      # the device's CPython, default 3.12; x86-64 manylinux
 #
 # Versions are the ones installed in .venv, so the device runs what the tests ran. Wheels for the device's
-# Python and platform are downloaded (pycocotools and wcwidth are compiled); those with only an sdist on PyPI
+# Python and platform are downloaded (grimp, pycocotools and wcwidth are compiled); those with only an sdist on PyPI
 # (fvcore, iopath, antlr4-python3-runtime) are built here as pure-Python wheels; Detectron2 is the wheel that
 # `make install` (tools/install_detectron2.sh) built into .cache/detectron2. The device is assumed to have
 # torch, torchvision, numpy, scipy, pandas, pillow, pyyaml, regex, timm, huggingface_hub, safetensors, tqdm
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 PYVER=${1:-3.12}
 PY=${PY:-.venv/bin/python}
 OUT=gpu_wheels
-NAMES=(open_clip_torch ftfy wcwidth segment_anything pycocotools fvcore iopath yacs termcolor tabulate cloudpickle
+NAMES=(grimp open_clip_torch ftfy wcwidth segment_anything pycocotools fvcore iopath yacs termcolor tabulate cloudpickle
        portalocker omegaconf hydra-core antlr4-python3-runtime)
 PIP=("$PY" -m pip --quiet --disable-pip-version-check)
 
