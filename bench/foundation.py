@@ -66,9 +66,10 @@ def main() -> dict:
     t0 = time.perf_counter()
     n_clip = args.n_images or params.foundation.clip.eval.n_images
     clips = {"params": clip_numbers(params, n_clip)}
-    for name, overrides in params.variants.items():
-        if any(k.startswith("clip.") for k in overrides):
-            clips[name] = clip_numbers(with_variant(params, name), n_clip)
+    for name in params.variants:
+        variant = with_variant(params, name)
+        if variant.clip != params.clip:
+            clips[name] = clip_numbers(variant, n_clip)
     sam = load_sam_from_params(params)
     sq = sam_quality(sam, params, n_images=args.n_images)
     sam_measured = {"sam_point_best_of_3": sq["point"]["best_of_3"], "sam_amg_recall": sq["amg"]["recall"],

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import fmalib.study
 from fmalib.core.params import load_params, repo_relative, repo_root
 from fmalib.data import open_dataset
 from fmalib.data.labels import read_label_png
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
     ap.add_argument("--fast", action="store_true", help="with --export: the params file's fast: overrides")
     args = ap.parse_args(argv)
     if args.export:
-        params = load_params(args.params, load_params(args.params).fast if args.fast else None)
+        params = fmalib.study.setup(args.params, fast=args.fast)
         split = params["data"]["train_split"]
         out_dir = write_clip_es_cams(run_cam_stage(params, split, "hand"), open_dataset(params, split),
                                      Path(args.export), bool(params["cam"]["use_caa"]), highres=True)

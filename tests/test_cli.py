@@ -7,7 +7,7 @@ def test_data_stage_and_clear_error_exit(tmp_path, capsys):
     assert main(["data", "--fast", "--set", f"data.root={tmp_path / 'd'}", "--set", f"workdir={tmp_path / 'w'}"]) == 0
     assert "train: 12 images" in capsys.readouterr().out
     assert main(["data", "--set", "data.nope=1"]) == 2
-    assert "override data.nope" in capsys.readouterr().err
+    assert "--set data.nope=1 (over params/toy.yaml): unknown key data.nope" in capsys.readouterr().err
     assert parse_shard("3/8") == (3, 8)
 
 

@@ -13,10 +13,9 @@ import warnings
 import open_clip
 import pytest
 import torch
-import yaml
 
 from fmalib.core.errors import FmalibError
-from fmalib.core.params import repo_root
+from fmalib.core.params import load_params
 from fmalib.models import clip as C
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,8 +182,8 @@ def test_no_random_init_log_line_on_load(narrow, tmp_path, caplog):
 
 @pytest.mark.parametrize("name", ["voc", "coco"])
 def test_shipped_params_build_quickgelu_for_openai_weights(name):
-    clip = yaml.safe_load((repo_root() / "params" / f"{name}.yaml").read_text())["clip"]
-    assert open_clip.get_model_config(clip["model"]).get("quick_gelu") is True, clip["model"]
+    model = load_params(f"params/{name}.yaml").clip.model
+    assert open_clip.get_model_config(model).get("quick_gelu") is True, model
 
 
 def test_identity_names_the_file(archive):

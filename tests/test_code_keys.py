@@ -36,7 +36,7 @@ print(json.dumps({"fmalib": fmalib.__file__, "masks": masks.key, "cams": cams.ke
 """
 
 OVERRIDES = {"data.root": "data/t", "workdir": "work/t", "data.synthetic.n_train": 4, "data.synthetic.n_val": 1,
-             "sams.power_images": 4, "sams.bg_power_fine": "auto", "sams.power_grid": [0.3, 0.5, 1.0, 3.0]}
+             "sams.power_images": 4, "sams.bg_power.fine": "auto", "sams.power_grid": [0.3, 0.5, 1.0, 3.0]}
 
 
 def _edit(path: Path, old: str, new: str) -> None:

@@ -1,59 +1,12 @@
 """params validation, atomic cache writes and resume, mIoU on hand-computed matrices, label PNG io."""
 import numpy as np
 import pytest
-import yaml
 
 from fmalib.core.cache import StageCache, atomic_path, atomic_save_npz, load_npz, stable_hash
 from fmalib.core.errors import FmalibError
-from fmalib.core.params import load_params, repo_root
+
 from fmalib.data.labels import VOC_PALETTE, read_label_png, write_label_png
 from fmalib.method.metrics import ConfusionMeter, confusion_matrix, iou_table, mean_iou
-
-
-# ---------- params ----------
-def _toy_tree():
-    return yaml.safe_load((repo_root() / "params/toy.yaml").read_text())
-
-
-@pytest.mark.parametrize("name", ["toy", "voc", "coco"])
-def test_shipped_params_validate(name):
-    p = load_params(f"params/{name}.yaml")
-    assert p.name == name
-    assert len(p.classes.names) == len(p.classes.synonyms)
-
-
-def test_unknown_key_is_named(tmp_path):
-    tree = _toy_tree()
-    tree["data"]["rooot"] = "x"
-    f = tmp_path / "bad.yaml"
-    f.write_text(yaml.safe_dump(tree))
-    with pytest.raises(FmalibError, match=r"bad\.yaml: unknown key data\.rooot"):
-        load_params(f)
-
-
-def test_missing_and_mistyped_keys_are_named():
-    tree = _toy_tree()
-    del tree["clip"]["checkpoint"]
-    with pytest.raises(FmalibError, match=r"missing key clip\.checkpoint"):
-        load_params(tree)
-    tree = _toy_tree()
-    tree["seed"] = "zero"
-    with pytest.raises(FmalibError, match=r"key seed is 'zero'; expected int"):
-        load_params(tree)
-    tree = _toy_tree()
-    tree["classes"]["names"] = ["a", 3]
-    with pytest.raises(FmalibError, match=r"classes\.names.*a list of str"):
-        load_params(tree)
-
-
-def test_overrides_and_missing_file(tmp_path):
-    p = load_params("params/toy.yaml", overrides={"data.synthetic.n_train": 7, "device": "cpu"})
-    assert p.data.synthetic.n_train == 7
-    with pytest.raises(FmalibError, match="override data.nope"):
-        load_params("params/toy.yaml", overrides={"data.nope": 1})
-    with pytest.raises(FmalibError, match="does not exist"):
-        load_params(tmp_path / "absent.yaml")
-    assert load_params("params/toy.yaml").resolve_path("data.root") == repo_root() / "data/toy"
 
 
 # ---------- cache ----------

@@ -50,8 +50,8 @@ EXPECTED = {
     "masks": MASKS,
     "cam_hand": _cam("hand"), "cam_cls": _cam("cls"), "cam_seg": _cam("seg"),
     # seeds are keyed by their inputs' keys, so what changes the masks or the CAMs changes them too
-    "seeds_coarse": MASKS | _cam("cls") | {"cam.use_caa", "sams.levels", "sams.bg_power_coarse"} | POWER_AUTO,
-    "seeds_fine": MASKS | _cam("seg") | {"cam.use_caa", "sams.levels", "sams.bg_power_fine"} | POWER_AUTO,
+    "seeds_coarse": MASKS | _cam("cls") | {"cam.use_caa", "sams.levels", "sams.bg_power.coarse"} | POWER_AUTO,
+    "seeds_fine": MASKS | _cam("seg") | {"cam.use_caa", "sams.levels", "sams.bg_power.fine"} | POWER_AUTO,
     "seeds_cam_argmax": _cam("cls") | {"cam.use_caa", "cam.bg_thresholds"},
     "prompts_cls": PROMPTS | {f"prompts.cls.{k}" for k in (
         "iters", "warmup_iters", "warmup_lr", "lr", "weight_decay", "init_std", "loss")},
@@ -74,7 +74,7 @@ CHOICES = {"masks.generator": "sam2", "sam.model_type": "vit_b", "clip.model": "
            "cam.target": "score", "cam.target_layer": "block_input", "prompts.cls.loss": "bg_negatives",
            "prompts.seg.layout": "shared_end", "prompts.seg.pairs": "image",
            "prompts.hand_template": "a drawing of a {}.", "sams.levels": [1, 2],
-           "sams.bg_power_coarse": 0.5, "sams.bg_power_fine": 0.5, "stage2.model": "deeplabv3plus",
+           "sams.bg_power.coarse": 0.5, "sams.bg_power.fine": 0.5, "stage2.model": "deeplabv3plus",
            "stage2.backbone_depth": 34, "stage2.weights_style": "msra", "stage2.norm": "GN",
            "stage2.loss": "hard_pixel_mining", "stage2.lr_schedule": "cosine", "foundation.clip.pool": "class_token",
            "foundation.clip.patch_loss": "mil", "sam2.config": "sam2.1_hiera_s", "sam2.checkpoint": "sam2.pt",
@@ -187,7 +187,7 @@ def test_settings_that_act_only_with_another_are_keyed_only_with_it(setup):
     """The other side of the sweep above: with a fixed p the power grid leaves the seeds' key; with the CRF on,
     its settings enter the evaluation's; with backbone weights loaded, their layout enters the training's."""
     base, tmp, files = setup
-    params = load_params(base, {"sams.bg_power_fine": 0.5, "stage2.test.crf": True, "stage2.weights":
+    params = load_params(base, {"sams.bg_power.fine": 0.5, "stage2.test.crf": True, "stage2.weights":
                                 files["stage2.weights"]})
     reference = stage_keys(params, tmp)
     for key, value, stage, moves in (("sams.power_grid", [0.5, 1.0], "seeds_fine", False),

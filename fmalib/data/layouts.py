@@ -25,7 +25,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..core.errors import FmalibError
-from ..core.params import load_params
+from ..core.params import fast_overlay, load_params
 from .labels import label_to_png_bytes
 from .synthetic import CLASS_NAMES, generate_sample, sample_size
 from .voc import VOC_CLASSES
@@ -167,11 +167,11 @@ def write_smoke_params(params_path: str | os.PathLike, data_root: str | os.PathL
     pointing at ``data_root`` and an empty ``fast:`` — what ``make reproduce PARAMS=<copy>`` runs."""
 
     src = load_params(params_path)
-    merged = {**src["fast"], "data.root": str(Path(data_root).resolve()), **(overrides or {})}
+    merged = {"data.root": str(Path(data_root).resolve()), **(overrides or {})}
     if workdir is not None:
         merged["workdir"] = str(Path(workdir).resolve())
-    params = load_params(params_path, merged).to_dict()
-    params["fast"] = {}
+    params = load_params(params_path, merged, overlays=fast_overlay(src)).to_dict()
+    params["fast"] = None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# {src.path} with its fast: overrides, on {data_root} (fmalib.data.layouts)\n"

@@ -35,7 +35,7 @@ import math
 import time
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from ..core.code_key import code_digest
 from ..core.device import seed_everything
 from ..core.errors import FmalibError
 from ..core.label_ids import IGNORE
-from ..core.params import Params, load_params, repo_root, validate, with_variant
+from ..core.params import Params, load_params, repo_root, with_variant
 from ..data.synthetic import (CLASS_NAMES, STUFF_NAMES, check_outside_splits, generate_sample,
                               make_caption, sample_ids, sample_size, split_sizes)
 from ..models import clip as C
@@ -56,30 +56,7 @@ from .clip_quality import cam_peak_hit_rate, zero_shot_map
 
 log = logging.getLogger(__name__)
 
-# foundation.clip in the params (validated here: the top-level SCHEMA only says "a mapping")
-PRETRAIN_SCHEMA: dict[str, Any] = {
-    "seed": int,
-    "pool_size": int,  # generated training images (drawn once, cached under workdir)
-    "pool_offset": int,  # generator index of the first one: disjoint from the benchmark's train / val
-    "steps": int,
-    "batch_size": int,
-    "lr": float,
-    "weight_decay": float,
-    "warmup_steps": int,
-    "patch_loss": str,  # dense | mil | mil_value | none
-    "pool": str,  # image embedding the caption / concept losses train: patch_mean | class_token | both
-    "concept_templates": [str],  # prompt templates of the concept loss (a warning if the study's hand template is one)
-    "caption_weight": float,
-    "concept_weight": float,
-    "patch_weight": float,
-    "checkpoint_every_s": int,  # wall-clock seconds between resumable checkpoints
-    "eval_every": int,  # steps between quick val evaluations (0: only at the end)
-    "output": str,  # the shipped weights, e.g. assets/tiny_clip.pt
-    "fp16": bool,  # save in half precision (half the bytes of fp32)
-    "eval": {"n_images": int},  # val images the quality numbers use
-}
-PATCH_LOSSES = ("dense", "mil", "mil_value", "none")
-POOLS = ("patch_mean", "class_token", "both")
+PATCH_LOSSES = ("dense", "mil", "mil_value", "none")  # foundation.clip.patch_loss's choices (core/config.py)
 
 CAPTION_TEMPLATES = ("{}", "a photo of {}.", "a picture with {}.", "an image of {}.", "{} in the scene.")
 
@@ -93,12 +70,7 @@ def pretrain_config(params: Params) -> dict:
         raise FmalibError(f"{where}: CLIP pretraining trains one of fmalib's packaged configs "
                           f"({', '.join(C.packaged_configs())}) as clip.model, not {params['clip']['model']!r}")
     cfg = params["foundation"]["clip"]
-    validate(cfg, PRETRAIN_SCHEMA, where, "foundation.clip.")
     check_outside_splits(cfg["pool_offset"], cfg["pool_size"], split_sizes(params), f"{where}: foundation.clip.pool_offset")
-    if cfg["patch_loss"] not in PATCH_LOSSES:
-        raise FmalibError(f"{where}: foundation.clip.patch_loss is {cfg['patch_loss']!r}; expected one of {PATCH_LOSSES}")
-    if cfg["pool"] not in POOLS:
-        raise FmalibError(f"{where}: foundation.clip.pool is {cfg['pool']!r}; expected one of {POOLS}")
     if not cfg["concept_templates"] or any("{}" not in t for t in cfg["concept_templates"]):
         raise FmalibError(f"{where}: foundation.clip.concept_templates must be a non-empty list of templates "
                           f"with a {{}} for the concept name")

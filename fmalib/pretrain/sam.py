@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,38 +48,13 @@ from ..core.cache import atomic_write_bytes, stable_hash, torch_bytes
 from ..core.code_key import code_digest
 from ..core.device import seed_everything
 from ..core.errors import FmalibError
-from ..core.params import Params, load_params, validate
+from ..core.params import Params, load_params
 from ..data.synthetic import check_outside_splits, generate_sample, sample_size, split_sizes
 from ..models.sam import TINY_SAM_CONFIG, build_sam_tiny, load_sam
 from .regions import PAD, region_maps
 from .sam_quality import sam_quality
 
 log = logging.getLogger(__name__)
-
-
-# foundation.sam in the params (validated here: the top-level SCHEMA only says "a mapping")
-PRETRAIN_SCHEMA: dict[str, Any] = {
-    "seed": int,
-    "index_offset": int,  # generator index of the first training image: outside the benchmark's train / val
-    "steps": int,
-    "batch_size": int,
-    "points_per_image": int,
-    "object_point_fraction": float,  # share of point prompts on objects (the rest uniform over the image)
-    "object_only_steps": int,  # curriculum: objects only for the first steps
-    "lr": float,
-    "weight_decay": float,
-    "warmup_steps": int,
-    "bce_weight": float,
-    "dice_weight": float,
-    "iou_weight": float,
-    "checkpoint_every": int,
-    "output": str,  # the shipped weights, e.g. assets/tiny_sam.pth
-    "fp16": bool,  # save the weights in half precision (file size)
-    "eval": {  # automatic-generation thresholds come from the masks section (sam_quality.amg_settings)
-        "n_images": int,  # val images the quality numbers use
-        "recall_iou": float,  # an object counts as recovered by a mask at this IoU or more
-    },
-}
 
 
 def pretrain_config(params: Params) -> dict:
@@ -90,7 +65,6 @@ def pretrain_config(params: Params) -> dict:
         raise FmalibError(f"{params.path}: SAM pretraining trains sam.model_type fmalib_tiny, not {params['sam']['model_type']!r}")
     cfg = params["foundation"]["sam"]
     where = str(params.path or "params")
-    validate(cfg, PRETRAIN_SCHEMA, where, "foundation.sam.")
     check_outside_splits(cfg["index_offset"], cfg["steps"] * cfg["batch_size"], split_sizes(params),
                          f"{where}: foundation.sam.index_offset")
     return dict(cfg)

@@ -65,13 +65,10 @@ def prepare(masks: MaskSet, cams: np.ndarray, labels: np.ndarray, levels: Sequen
 
 
 def bg_power_rule(params, stage: str, bg_power: float | str | None = None) -> float | str:
-    """How p is set: an explicit number, or params.sams.bg_power_<stage> — a number or ``auto``."""
-    value = params["sams"][f"bg_power_{stage}"] if bg_power is None else bg_power
-    if isinstance(value, str):
-        if value != "auto":
-            raise FmalibError(f"params sams.bg_power_{stage}={value!r}: expected a number or 'auto'")
-        return value
-    return float(value)
+    """How p is set: an explicit number, or params.sams.bg_power.<stage> — a number or ``auto`` (checked when
+    the params were loaded)."""
+    value = params["sams"]["bg_power"][stage] if bg_power is None else bg_power
+    return value if isinstance(value, str) else float(value)
 
 
 def resolve_bg_power(params, stage: str, dataset, masks_cache: StageCache, load_cam: CamLoader,

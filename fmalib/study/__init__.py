@@ -6,24 +6,22 @@ import os
 from typing import Any, Mapping
 
 from ..core.device import seed_everything
-from ..core.params import Params, load_params
+from ..core.params import Params, fast_overlay, load_params
 
 
 def setup(params_path: str | os.PathLike, fast: bool = False, overrides: Mapping[str, Any] | None = None,
           device: str | None = None) -> Params:
-    """Params for a run. ``fast`` applies the file's own ``fast:`` overrides (a tiny slice for tests and smoke
-    runs); explicit ``overrides`` (dotted keys) and ``device`` are applied last."""
+    """Params for a run. ``fast`` applies the file's ``fast:`` overlay (a tiny slice for tests and smoke
+    runs); explicit ``overrides`` (dotted keys, e.g. ``--set`` or papermill's) and ``device`` are applied last."""
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
-    if fast:
-        merged.update(load_params(params_path).fast)
-        origins.update(dict.fromkeys(merged, "fast:"))
+    overlays = fast_overlay(load_params(params_path)) if fast else []
     merged.update(overrides or {})
     origins.update(dict.fromkeys(overrides or {}, "--set"))
     if device:
         merged["device"] = device
         origins["device"] = "--device"
-    params = load_params(params_path, merged, origins)
+    params = load_params(params_path, merged, origins, overlays)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     seed_everything(params.seed)
     return params
