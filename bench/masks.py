@@ -30,7 +30,7 @@ from segment_anything import SamAutomaticMaskGenerator
 from fmalib.core.params import load_params, repo_root
 from fmalib.data import open_dataset
 from fmalib.data.synthetic import generate_sample
-from fmalib.method.generator import MultiLevelMaskGenerator
+from fmalib.method.generator import MASK_KEYS, MultiLevelMaskGenerator
 from fmalib.method.masks import LEVELS, WHOLE
 from fmalib.method.overlap import overlap_filter
 from fmalib.models.checkpoints import load_sam_from_params, sam_fingerprint
@@ -55,7 +55,7 @@ def cache_bytes(masks) -> int:
 def run(params, images, threads: int, overrides: dict) -> dict:
     torch.set_num_threads(threads)
     cfg = dict(params["masks"], **overrides)
-    generator = MultiLevelMaskGenerator(load_sam_from_params(params, "cpu"), cfg)
+    generator = MultiLevelMaskGenerator(load_sam_from_params(params, "cpu"), **{k: cfg[k] for k in MASK_KEYS})
     generator.generate(images[0])  # warm-up
     per_level, cache, raw_bool, raw_bits, unfiltered = np.zeros(3), 0, 0, 0, 0
     t0 = time.perf_counter()
@@ -119,7 +119,7 @@ def compare_with_stock(model, cfg, images, warm_up: bool = True, sync=lambda: No
     overlap filter apart; matches masks by IoU: fmalib's whole masks to any stock mask (>= 0.9), the stock masks
     to fmalib's whole / any-level masks, and identical masks (IoU 1)."""
     cfg = dict(cfg, min_mask_region_area=0)
-    ours, stock = MultiLevelMaskGenerator(model, cfg), stock_generator(model, cfg)
+    ours, stock = MultiLevelMaskGenerator(model, **{k: cfg[k] for k in MASK_KEYS}), stock_generator(model, cfg)
     empty_crashes = []
 
     def stock_generate(image):

@@ -28,7 +28,7 @@ from fmalib.core.cache import atomic_write_text
 from fmalib.core.params import repo_root
 from fmalib.data import open_dataset
 from fmalib.method.objectives import cls_batch_loss, seg_batch_loss
-from fmalib.method.prompts import build_prompts
+from fmalib.stages.prompt_runs import build_prompts
 from fmalib.models.checkpoints import clip_fingerprint, load_clip_from_params
 from fmalib.stages.cams import argmax_seed_miou
 from fmalib.stages.prompt_runs import load_context

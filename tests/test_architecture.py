@@ -96,3 +96,14 @@ def test_imports_inside_functions_only_for_optional_dependencies():
                  for line, mod in function_level_imports(path.read_text())
                  if mod.split(".")[0] not in OPTIONAL]
     assert offenders == []
+
+
+def test_method_takes_arguments_not_params():
+    """No function or method in fmalib/method takes a params mapping: stages translate params into arguments."""
+    offenders = []
+    for path in sorted((Path(fmalib.__file__).parent / "method").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = [a.arg for a in node.args.args + node.args.kwonlyargs]
+                offenders += [f"{path.name}:{node.lineno} {node.name}({n})" for n in names if n in ("params", "cfg")]
+    assert not offenders, offenders

@@ -20,6 +20,7 @@ from fmalib.data.coco import COCODataset
 from fmalib.data.labels import read_label_png, write_label_png
 from fmalib.data.voc import read_image
 from fmalib.method.generator import MultiLevelMaskGenerator
+from fmalib.stages.mask_generators import mask_arguments
 from fmalib.method.image_cams import image_cams
 from fmalib.method.masks import MaskSet
 from fmalib.method.prompts import HandPrompts
@@ -310,12 +311,12 @@ def test_cam_input_long_side_capped(tiny_clip):
         for w in range(100, 129):
             assert C.input_size(model, h, w, 128) == C.input_size(model, h, w)
     img = _rgb(120, 128)
-    capped = image_cams(model, text, 3, img, [1, 3], dict(CFG, max_side=512), 0.4)
-    plain = image_cams(model, text, 3, img, [1, 3], CFG, 0.4)
+    capped = image_cams(model, text, 3, img, [1, 3], **dict(CFG, max_side=512), threshold=0.4)
+    plain = image_cams(model, text, 3, img, [1, 3], **CFG, threshold=0.4)
     assert all(np.array_equal(capped[k], plain[k]) for k in ("cam", "cam_caa"))
     big = np.zeros((2000, 3000, 3), np.uint8)
     big[500:1500, 1000:2000] = 200
-    out = image_cams(model, text, 3, big, [2], dict(CFG, max_side=128), 0.4)
+    out = image_cams(model, text, 3, big, [2], **dict(CFG, max_side=128), threshold=0.4)
     assert out["cam"].shape == (1, 11, 16) and out["cam_caa"].shape == (1, 11, 16)
     assert cam_argmax_seeds(out["cam"], [2], 0.5, size=(2000, 3000)).shape == (2000, 3000)
     with pytest.raises(FmalibError, match=r"toy\.yaml: key cam\.max_side is 8; expected >= 32"):
@@ -326,10 +327,10 @@ def test_cam_input_long_side_capped(tiny_clip):
 def test_tiny_images_warn_and_give_background(tiny_clip, caplog):
     model, text = tiny_clip
     for size in ((1, 1), (8, 8), (3, 40)):
-        out = image_cams(model, text, 3, _rgb(*size, 1), [1, 2], CFG, 0.4)
+        out = image_cams(model, text, 3, _rgb(*size, 1), [1, 2], **CFG, threshold=0.4)
         grid = (1, 1) if size != (3, 40) else (1, 5)
         assert out["cam"].shape == (2, *grid) and np.isfinite(out["cam"]).all()
-    one = image_cams(model, text, 3, _rgb(1, 1), [1, 2], CFG, 0.4)["cam"]
+    one = image_cams(model, text, 3, _rgb(1, 1), [1, 2], **CFG, threshold=0.4)["cam"]
     assert (one == 0).all()  # min-max of one patch
     assert not cam_argmax_seeds(one, [1, 2], 0.05, size=(1, 1)).any()
     label, _ = sams_assign(sams_prepare(one, np.ones((1, 1, 1), bool), [2], [1, 2]), 0.5)
@@ -347,7 +348,7 @@ def test_tiny_images_warn_and_give_background(tiny_clip, caplog):
 def test_mask_generator_on_tiny_images_does_not_crash():
     torch.manual_seed(0)
     gen = MultiLevelMaskGenerator(load_sam("fmalib_tiny", "assets/tiny_sam.pth"),
-                                  dict(load_params("params/toy.yaml").masks, points_per_side=4))
+                                  **dict(mask_arguments(load_params("params/toy.yaml")), points_per_side=4))
     for size in ((1, 1), (8, 8)):
         masks = gen.generate(_rgb(*size))
         assert (masks.height, masks.width) == size

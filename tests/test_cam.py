@@ -97,19 +97,19 @@ def test_gradcam_batched_equals_per_pair_and_rejects_bad_options(tiny):
     for p in range(3):
         one = gradcam(model, out.block_input, out.grid, text, pi[p:p + 1], pc[p:p + 1], allowed)
         assert torch.allclose(cams[p], one[0], atol=1e-6, rtol=1e-4)
-    with pytest.raises(FmalibError, match="cam.target"):
+    with pytest.raises(FmalibError, match="gradcam: target="):
         gradcam(model, out.block_input, out.grid, text, pi, pc, allowed, target="logit")
-    with pytest.raises(FmalibError, match="cam.target_layer"):
+    with pytest.raises(FmalibError, match="gradcam: target_layer="):
         gradcam(model, out.block_input, out.grid, text, pi, pc, allowed, target_layer="ln_2")
 
 
 def test_cams_follow_their_prompt_rows_when_classes_are_permuted(tiny):
     model, text = tiny
     img = np.random.default_rng(3).integers(0, 255, (64, 80, 3), dtype=np.uint8)
-    base = image_cams(model, text, 3, img, [1, 3], CFG, 0.4)
+    base = image_cams(model, text, 3, img, [1, 3], **CFG, threshold=0.4)
     perm = [2, 0, 1]  # new row k holds old class perm[k]: old 1 -> new 2, old 3 -> new 1
     moved = torch.cat([text[perm], text[3:]])
-    out = image_cams(model, moved, 3, img, [1, 2], CFG, 0.4)  # new ids of old classes 3 and 1
+    out = image_cams(model, moved, 3, img, [1, 2], **CFG, threshold=0.4)  # new ids of old classes 3 and 1
     # CAA's matrix products sum the permuted softmax in another order: ~1e-4 (measured 1.2e-4) where the CAMs
     # themselves agree to ~4e-7; the maps of different classes differ by far more (last assert)
     for key, atol in (("cam", 1e-5), ("cam_caa", 1e-3)):
@@ -122,11 +122,11 @@ def test_image_cams_non_square_sizes_rounded_to_patch(tiny):
     model, text = tiny
     img = np.random.default_rng(0).integers(0, 255, (45, 61, 3), dtype=np.uint8)
     assert to_input(model, img).shape[-2:] == (48, 64)
-    out = image_cams(model, text, 3, img, [1, 3], CFG, 0.4)
+    out = image_cams(model, text, 3, img, [1, 3], **CFG, threshold=0.4)
     assert out["cam"].shape == (2, 6, 8) and out["cam_caa"].shape == (2, 6, 8)
     for k in ("cam", "cam_caa"):
         assert out[k].min() >= 0 and out[k].max() == pytest.approx(1.0, abs=1e-5)
-    empty = image_cams(model, text, 3, img, [], CFG, 0.4)
+    empty = image_cams(model, text, 3, img, [], **CFG, threshold=0.4)
     assert empty["cam"].shape == (0, 6, 8)
 
 

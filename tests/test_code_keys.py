@@ -90,7 +90,7 @@ def test_an_edit_recomputes_exactly_the_stages_that_use_it(tree):
 
     # upstream: the mask generator keeps one mask per image -> masks and the seeds on them recompute
     _edit(tree / "fmalib/method/generator.py",
-          'return raw.select(overlap_filter(raw.rles(), raw.levels, self.cfg["overlap_thresh"]))',
+          'return raw.select(overlap_filter(raw.rles(), raw.levels, self.overlap_thresh))',
           "return raw.select([0])")
     upstream, log = _run(tree)
     assert upstream["masks"] != edited["masks"] and upstream["cams"] == edited["cams"]

@@ -12,7 +12,7 @@ from segment_anything.utils.amg import MaskData
 from fmalib.core.errors import FmalibError
 from fmalib.core.params import load_params
 from fmalib.data import open_dataset
-from fmalib.method.generator import MultiLevelMaskGenerator, nms_score, passes_pred_iou, remove_small_regions
+from fmalib.method.generator import MASK_KEYS, MultiLevelMaskGenerator, nms_score, passes_pred_iou, remove_small_regions
 from fmalib.method.masks import MaskSet, bool_to_runs, concat_runs
 from fmalib.method.overlap import overlap_filter
 from fmalib.method.rle import MaskRuns, decode_count_strings
@@ -266,7 +266,7 @@ def _scripted_generator(radii, ious, **overrides):
     cfg = dict(load_params("params/toy.yaml").masks, points_per_side=4, points_per_batch=5,
                pred_iou_thresh=0.86, stability_score_thresh=0.92)
     cfg.update(overrides)
-    return MultiLevelMaskGenerator(model, cfg)
+    return MultiLevelMaskGenerator(model, **{k: cfg[k] for k in MASK_KEYS})
 
 
 def test_generator_levels_bonuses_and_filter_with_a_scripted_decoder(one_thread):

@@ -99,7 +99,7 @@ def test_seg_pairs_come_from_the_cropped_seed_map(tiny):
 
     assert seg_pairs(present, seeds, "crop").tolist() == [[True, False, False], [False, True, True]]
     assert seg_pairs(present, seeds, "image").tolist() == present.tolist()
-    with pytest.raises(FmalibError, match="prompts.seg.pairs"):
+    with pytest.raises(FmalibError, match="seg pairs="):
         seg_pairs(present, seeds, "boxes")
     # image 0: with crop pairs class 3's context gets no gradient (no pair, not in the softmax)
     for pairs, class3 in (("crop", False), ("image", True)):
@@ -123,7 +123,7 @@ def test_seg_pairs_come_from_the_cropped_seed_map(tiny):
 
 
 def test_seg_prompt_layout_option_gives_the_coco_prompts(tiny, tmp_path):
-    from fmalib.method.prompts import build_prompts
+    from fmalib.stages.prompt_runs import build_prompts
 
     model, _ = tiny
     voc = build_prompts("seg", model, tiny_params(tmp_path))
@@ -290,6 +290,6 @@ def test_vit_b16_random_init_prompt_step_and_cam():
         text = HandPrompts(model, tok, NAMES, BG)()
     img = np.random.default_rng(0).integers(0, 255, (70, 100, 3), dtype=np.uint8)
     cfg = {"target": "prob", "target_layer": "ln1_out", "caa_last_k": 8, "sinkhorn_iters": 1}
-    out = image_cams(model, text, len(NAMES), img, [1, 3], cfg, 0.4, "raw")
+    out = image_cams(model, text, len(NAMES), img, [1, 3], **cfg, threshold=0.4, caa_source="raw")
     assert out["cam"].shape == (2, 4, 6) and out["cam_caa"].shape == (2, 4, 6)
     assert np.isfinite(out["cam_caa"]).all()

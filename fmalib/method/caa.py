@@ -24,7 +24,7 @@ def sinkhorn(a: torch.Tensor, n_iters: int) -> torch.Tensor:
 def caa_affinity(attn: Sequence[torch.Tensor], n_iters: int) -> torch.Tensor:
     """Last blocks' attention maps, each (1+hw, 1+hw) (or (1, …)), -> the (hw, hw) CAA transition matrix."""
     if not len(attn):
-        raise FmalibError("CAA needs at least one attention map (params cam.caa_last_k ≥ 1)")
+        raise FmalibError("CAA needs at least one attention map (caa_last_k ≥ 1)")
     a = torch.stack([t.reshape(t.shape[-2:]) for t in attn]).float().mean(dim=0)[1:, 1:]
     a = sinkhorn(a, n_iters)
     a = (a + a.T) / 2

@@ -35,9 +35,9 @@ def gradcam(model, block_input: torch.Tensor, grid: tuple[int, int], text: torch
     w.r.t. ``text`` through the Grad-CAM weights only (double backward).
     """
     if target not in ("prob", "score"):
-        raise FmalibError(f"params cam.target={target!r}; expected 'prob' or 'score'")
+        raise FmalibError(f"gradcam: target={target!r}; expected 'prob' or 'score'")
     if target_layer not in C.GRADCAM_TARGETS:
-        raise FmalibError(f"params cam.target_layer={target_layer!r}; expected one of {C.GRADCAM_TARGETS}")
+        raise FmalibError(f"gradcam: target_layer={target_layer!r}; expected one of {C.GRADCAM_TARGETS}")
     pair_image, pair_class = pair_image.long(), pair_class.long()
     h, w = grid
     # double backward (create_graph) needs the composite attention: fused SDPA kernels have no 2nd derivative

@@ -21,7 +21,6 @@ After every NMS the kept masks are sorted back into generation order (ties downs
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -91,21 +90,28 @@ def _joined(masks: list[MaskRuns], height: int, width: int) -> MaskRuns:
 
 
 class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
-    """SAM automatic masks with levels, from ``params.masks`` (see the module doc)."""
+    """SAM automatic masks with levels (see the module doc).
 
-    def __init__(self, model, cfg: Mapping[str, Any]):
-        missing = [k for k in MASK_KEYS if k not in cfg]
-        if missing:
-            raise FmalibError(f"params masks: missing key {missing[0]} (expected {', '.join(MASK_KEYS)})")
-        self.cfg = {k: cfg[k] for k in MASK_KEYS}
-        super().__init__(model, points_per_side=cfg["points_per_side"], points_per_batch=cfg["points_per_batch"],
-                         pred_iou_thresh=cfg["pred_iou_thresh"], stability_score_thresh=cfg["stability_score_thresh"],
-                         stability_score_offset=cfg["stability_score_offset"], box_nms_thresh=cfg["box_nms_thresh"],
-                         crop_n_layers=cfg["crop_n_layers"], crop_nms_thresh=cfg["crop_nms_thresh"],
-                         crop_overlap_ratio=cfg["crop_overlap_ratio"],
-                         crop_n_points_downscale_factor=cfg["crop_n_points_downscale_factor"],
+    The stock generator's keyword arguments (``SamAutomaticMaskGenerator``), all required, plus the levels'
+    three: ``whole_iou_bonus`` (added to whole masks' predicted IoU before ``pred_iou_thresh``),
+    ``whole_nms_bonus`` (added to their NMS score) and ``overlap_thresh`` (a part / subpart is kept if at most
+    this share of it lies under masks kept before it). ``MASK_KEYS`` names them all."""
+
+    def __init__(self, model, *, points_per_side: int, points_per_batch: int, pred_iou_thresh: float,
+                 stability_score_thresh: float, stability_score_offset: float, box_nms_thresh: float,
+                 crop_n_layers: int, crop_nms_thresh: float, crop_overlap_ratio: float,
+                 crop_n_points_downscale_factor: int, min_mask_region_area: int, whole_iou_bonus: float,
+                 whole_nms_bonus: float, overlap_thresh: float):
+        super().__init__(model, points_per_side=points_per_side, points_per_batch=points_per_batch,
+                         pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+                         stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh,
+                         crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
+                         crop_overlap_ratio=crop_overlap_ratio,
+                         crop_n_points_downscale_factor=crop_n_points_downscale_factor,
                          min_mask_region_area=0, output_mode="binary_mask")
-        self.min_mask_region_area = cfg["min_mask_region_area"]  # set here: stock __init__ imports cv2 if > 0
+        self.min_mask_region_area = min_mask_region_area  # set here: stock __init__ imports cv2 if > 0
+        self.whole_iou_bonus, self.whole_nms_bonus = whole_iou_bonus, whole_nms_bonus
+        self.overlap_thresh = overlap_thresh
         self._n_generated = 0  # masks numbered across the crops of an image, in generation order
 
     @torch.no_grad()
@@ -117,7 +123,7 @@ class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
         raw = self.generate_unfiltered(image)
         if len(raw) == 0:
             return raw
-        return raw.select(overlap_filter(raw.rles(), raw.levels, self.cfg["overlap_thresh"]))
+        return raw.select(overlap_filter(raw.rles(), raw.levels, self.overlap_thresh))
 
     @torch.no_grad()
     def generate_unfiltered(self, image: np.ndarray) -> MaskSet:
@@ -150,7 +156,7 @@ class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
         for (batch,) in batch_iterator(self.points_per_batch, points):
             data.cat(self._process_batch(batch, crop_size, crop_box, orig_size))
         self.predictor.reset_image()
-        score = nms_score(data["iou_preds"], data["levels"], self.cfg["whole_nms_bonus"])
+        score = nms_score(data["iou_preds"], data["levels"], self.whole_nms_bonus)
         data.filter(box_nms(data["boxes"], score, self.box_nms_thresh))
         n = len(data["levels"])
         data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
@@ -179,7 +185,7 @@ class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
         low_res, iou = low_res.flatten(0, 1), iou.flatten(0, 1)
         levels = torch.arange(n_out, device=iou.device).repeat(len(coords))
         if self.pred_iou_thresh > 0:
-            keep = passes_pred_iou(iou, levels, self.pred_iou_thresh, self.cfg["whole_iou_bonus"])
+            keep = passes_pred_iou(iou, levels, self.pred_iou_thresh, self.whole_iou_bonus)
             low_res, iou, levels = low_res[keep], iou[keep], levels[keep]
         logits = model.postprocess_masks(low_res[:, None], pred.input_size, pred.original_size)[:, 0]
         stability = calculate_stability_score(logits, model.mask_threshold, self.stability_score_offset)

@@ -1,7 +1,7 @@
 """Multi-level SAM 2 automatic masks: the ``sam2`` package's ``SAM2AutomaticMaskGenerator`` turned into the
 generator of METHOD §5, as ``fmalib.method.generator`` turns segment_anything's.
 
-The same ``params.masks`` thresholds (``MASK_KEYS``), the same levels (the multimask output index: 0 subpart,
+The same thresholds (``MASK_KEYS``), the same levels (the multimask output index: 0 subpart,
 1 part, 2 whole — SAM 2's decoder has SAM's three multimask tokens), the same whole-mask bonuses, the same
 scipy clean-up and the same overlap filter (``fmalib.method.overlap``); ``generate`` returns a ``MaskSet``
 (``fmalib.method.masks``), so the mask cache and SAMS do not know which generator ran. From the stock generator
@@ -27,13 +27,12 @@ builds the subclass on first use; ``MultiLevelSam2MaskGenerator(model, cfg)`` bu
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from ..core.errors import FmalibError
-from .generator import MASK_KEYS, box_nms, nms_score, passes_pred_iou, per_mask, remove_small_regions
+from .generator import box_nms, nms_score, passes_pred_iou, per_mask, remove_small_regions
 from .masks import MaskSet, bool_to_runs, concat_runs
 from .overlap import overlap_filter
 from .rle import MaskRuns
@@ -54,23 +53,25 @@ def sam2_generator_class() -> type:
                                 calculate_stability_score, is_box_near_crop_edge, uncrop_boxes_xyxy, uncrop_masks)
 
     class _MultiLevelSam2MaskGenerator(SAM2AutomaticMaskGenerator):
-        """SAM 2 automatic masks with levels, from ``params.masks`` (see fmalib.method.generator_sam2)."""
+        """SAM 2 automatic masks with levels (see fmalib.method.generator_sam2); the keyword arguments of
+        ``MultiLevelMaskGenerator``."""
 
-        def __init__(self, model, cfg: Mapping[str, Any]):
-            missing = [k for k in MASK_KEYS if k not in cfg]
-            if missing:
-                raise FmalibError(f"params masks: missing key {missing[0]} (expected {', '.join(MASK_KEYS)})")
-            self.cfg = {k: cfg[k] for k in MASK_KEYS}
-            super().__init__(model, points_per_side=cfg["points_per_side"],
-                             points_per_batch=cfg["points_per_batch"], pred_iou_thresh=cfg["pred_iou_thresh"],
-                             stability_score_thresh=cfg["stability_score_thresh"],
-                             stability_score_offset=cfg["stability_score_offset"],
-                             box_nms_thresh=cfg["box_nms_thresh"], crop_n_layers=cfg["crop_n_layers"],
-                             crop_nms_thresh=cfg["crop_nms_thresh"], crop_overlap_ratio=cfg["crop_overlap_ratio"],
-                             crop_n_points_downscale_factor=cfg["crop_n_points_downscale_factor"],
+        def __init__(self, model, *, points_per_side: int, points_per_batch: int, pred_iou_thresh: float,
+                     stability_score_thresh: float, stability_score_offset: float, box_nms_thresh: float,
+                     crop_n_layers: int, crop_nms_thresh: float, crop_overlap_ratio: float,
+                     crop_n_points_downscale_factor: int, min_mask_region_area: int, whole_iou_bonus: float,
+                     whole_nms_bonus: float, overlap_thresh: float):
+            super().__init__(model, points_per_side=points_per_side, points_per_batch=points_per_batch,
+                             pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+                             stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh,
+                             crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
+                             crop_overlap_ratio=crop_overlap_ratio,
+                             crop_n_points_downscale_factor=crop_n_points_downscale_factor,
                              min_mask_region_area=0, output_mode="binary_mask", use_m2m=False,
                              multimask_output=True)
-            self.min_mask_region_area = cfg["min_mask_region_area"]  # scipy clean-up here, not the CUDA one
+            self.min_mask_region_area = min_mask_region_area  # scipy clean-up here, not the CUDA one
+            self.whole_iou_bonus, self.whole_nms_bonus = whole_iou_bonus, whole_nms_bonus
+            self.overlap_thresh = overlap_thresh
             size = int(model.image_size)  # stock: [(256, 256), (128, 128), (64, 64)], 1024 px only
             self.predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8),
                                              (size // 16, size // 16)]
@@ -82,7 +83,7 @@ def sam2_generator_class() -> type:
             raw = self.generate_unfiltered(_check_image(image))
             if len(raw) == 0:
                 return raw
-            return raw.select(overlap_filter(raw.rles(), raw.levels, self.cfg["overlap_thresh"]))
+            return raw.select(overlap_filter(raw.rles(), raw.levels, self.overlap_thresh))
 
         @torch.no_grad()
         def generate_unfiltered(self, image: np.ndarray) -> MaskSet:
@@ -116,7 +117,7 @@ def sam2_generator_class() -> type:
             for (batch,) in batch_iterator(self.points_per_batch, points):
                 data.cat(self._process_batch(batch, crop_size, crop_box, orig_size, normalize=True))
             self.predictor.reset_predictor()
-            score = nms_score(data["iou_preds"], data["levels"], self.cfg["whole_nms_bonus"])
+            score = nms_score(data["iou_preds"], data["levels"], self.whole_nms_bonus)
             data.filter(box_nms(data["boxes"], score, self.box_nms_thresh))
             n = len(data["levels"])
             data["boxes"] = uncrop_boxes_xyxy(data["boxes"], crop_box)
@@ -140,7 +141,7 @@ def sam2_generator_class() -> type:
             logits, iou = logits.flatten(0, 1), iou.flatten(0, 1)
             levels = torch.arange(n_out, device=iou.device).repeat(len(coords))
             if self.pred_iou_thresh > 0:
-                keep = passes_pred_iou(iou, levels, self.pred_iou_thresh, self.cfg["whole_iou_bonus"])
+                keep = passes_pred_iou(iou, levels, self.pred_iou_thresh, self.whole_iou_bonus)
                 logits, iou, levels = logits[keep], iou[keep], levels[keep]
             stability = calculate_stability_score(logits, self.mask_threshold, self.stability_score_offset)
             if self.stability_score_thresh > 0:
@@ -181,6 +182,7 @@ def sam2_generator_class() -> type:
     return _MultiLevelSam2MaskGenerator
 
 
-def MultiLevelSam2MaskGenerator(model, cfg: Mapping[str, Any]):  # noqa: N802 (reads as the class it builds)
-    """A SAM 2 mask generator with levels (``sam2_generator_class()(model, cfg)``): ``generate(image) -> MaskSet``."""
-    return sam2_generator_class()(model, cfg)
+def MultiLevelSam2MaskGenerator(model, **arguments):  # noqa: N802 (reads as the class it builds)
+    """A SAM 2 mask generator with levels (``sam2_generator_class()(model, **arguments)``, the keyword arguments
+    of ``MultiLevelMaskGenerator``): ``generate(image) -> MaskSet``."""
+    return sam2_generator_class()(model, **arguments)

@@ -13,21 +13,24 @@ from .caa import CAA_SOURCES, caa_affinity, caa_refine
 from .cam import gradcam, normalize_cams
 
 
-def image_cams(model, text: torch.Tensor, n_fg: int, image: np.ndarray, labels: Sequence[int], cfg,
-               threshold: float, caa_source: str = "normalized") -> dict[str, np.ndarray]:
+def image_cams(model, text: torch.Tensor, n_fg: int, image: np.ndarray, labels: Sequence[int], *,
+               target: str, target_layer: str, caa_last_k: int, sinkhorn_iters: int, threshold: float,
+               caa_source: str = "normalized", max_side: int | None = None) -> dict[str, np.ndarray]:
     """CAMs of one uint8 image for its present fg ids ``labels`` (1..C) at single scale.
 
-    text (n_fg + n_bg, D): fg prompts then bg prompts. cfg: params.cam (target, target_layer, caa_last_k,
-    sinkhorn_iters; ``max_side``, optional: cap on the input's long side, see ``models.clip.input_size``).
-    An image without labels (K = 0) gives (0, h, w) maps. ``caa_source``: the map CAA propagates — ``normalized`` (ReLU + min-max) or ``raw``.
+    text (n_fg + n_bg, D): fg prompts then bg prompts. ``target`` / ``target_layer``: Grad-CAM's (see
+    ``method.cam.gradcam``); CAA averages the attention of the last ``caa_last_k`` blocks, runs
+    ``sinkhorn_iters`` Sinkhorn iterations and boxes the map at ``threshold``; ``caa_source``: the map CAA
+    propagates — ``normalized`` (ReLU + min-max) or ``raw``; ``max_side``: cap on the input's long side
+    (``models.clip.input_size``). An image without labels (K = 0) gives (0, h, w) maps.
     Returns float32 ``cam`` (ReLU, min-max) and ``cam_caa`` (refined), both (K, h, w), and ``labels``.
     """
     if caa_source not in CAA_SOURCES:
-        raise FmalibError(f"params cam.caa_source={caa_source!r}; expected one of {CAA_SOURCES}")
+        raise FmalibError(f"image_cams: caa_source={caa_source!r}; expected one of {CAA_SOURCES}")
     labels = np.asarray(labels, np.int64)
-    x = C.to_input(model, image, cfg.get("max_side"))  # the CAMs stay on this (capped) input's patch grid
+    x = C.to_input(model, image, max_side)  # the CAMs stay on this (capped) input's patch grid
     n_blocks = len(model.visual.transformer.resblocks)
-    k_attn = min(int(cfg["caa_last_k"]), n_blocks)
+    k_attn = min(int(caa_last_k), n_blocks)
     with torch.no_grad():
         out = C.encode_image_tokens(model, x, attn_last_k=k_attn)
     h, w = out.grid
@@ -38,10 +41,10 @@ def image_cams(model, text: torch.Tensor, n_fg: int, image: np.ndarray, labels: 
     allowed[0, :n_fg] = False
     allowed[0, torch.as_tensor(labels - 1, device=text.device)] = True
     idx = torch.as_tensor(labels - 1, device=text.device)
-    raw = gradcam(model, out.block_input, out.grid, text, torch.zeros_like(idx), idx, allowed, cfg["target"],
-                  target_layer=cfg["target_layer"])
+    raw = gradcam(model, out.block_input, out.grid, text, torch.zeros_like(idx), idx, allowed, target,
+                  target_layer=target_layer)
     cam = normalize_cams(raw.clamp(min=0))
-    refined = caa_refine(cam, caa_affinity([a[0] for a in out.attn], cfg["sinkhorn_iters"]), threshold,
+    refined = caa_refine(cam, caa_affinity([a[0] for a in out.attn], sinkhorn_iters), threshold,
                          raw if caa_source == "raw" else None)
     return {"labels": labels, "cam": cam.cpu().numpy().astype(np.float32),
             "cam_caa": refined.cpu().numpy().astype(np.float32)}

@@ -20,7 +20,7 @@ def cls_batch_loss(model, prompts: PromptSet, images: torch.Tensor, present: tor
     ``loss``: ``absent_fg`` — fg logits only, negatives the absent classes (METHOD §3, the original's);
     ``bg_negatives`` — the background prompts as negatives (ablation)."""
     if loss not in CLS_LOSSES:
-        raise FmalibError(f"params prompts.cls.loss={loss!r}; expected one of {CLS_LOSSES}")
+        raise FmalibError(f"cls loss={loss!r}; expected one of {CLS_LOSSES}")
     with torch.no_grad():
         emb = F.normalize(C.encode_image_tokens(model, images).image_embed.float(), dim=-1)
     logits = C.logit_scale(model).float() * emb @ prompts().T
@@ -39,7 +39,7 @@ def seg_pairs(present: torch.Tensor, seeds: torch.Tensor, pairs: str = "crop") -
     ``crop``: the classes present in the augmented, cropped seed map (VOC; a class cropped out of view gives
     no pair); ``image``: the image-level labels (the original's COCO setting)."""
     if pairs not in SEG_PAIRS:
-        raise FmalibError(f"params prompts.seg.pairs={pairs!r}; expected one of {SEG_PAIRS}")
+        raise FmalibError(f"seg pairs={pairs!r}; expected one of {SEG_PAIRS}")
     if pairs == "image":
         return present.bool()
     ids = torch.arange(1, present.shape[1] + 1, device=seeds.device)

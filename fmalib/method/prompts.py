@@ -149,30 +149,6 @@ class HandPrompts(PromptSet):
                          len(class_names), 0, 0.0)
 
 
-def build_prompts(kind: str, model, params, seed: int | None = None) -> PromptSet:
-    """The prompt set ``kind`` (hand | cls | seg) for ``params.classes`` and ``params.prompts``."""
-    if kind not in KINDS:
-        raise FmalibError(f"prompt kind {kind!r}; expected one of {KINDS}")
-    cls_cfg, pr = params["classes"], params["prompts"]
-    names, bg = list(cls_cfg["synonyms"]), list(cls_cfg["bg_words"])
-    if len(names) != len(cls_cfg["names"]):
-        raise FmalibError(f"params classes.synonyms has {len(names)} entries, classes.names "
-                          f"{len(cls_cfg['names'])} ({getattr(params, 'path', None)}): one synonym string per class")
-    tok = C.get_tokenizer(params["clip"]["model"])
-    seed = int(params["seed"] if seed is None else seed)
-    if kind == "hand":
-        return HandPrompts(model, tok, names, bg, pr["hand_template"])
-    if kind == "cls":
-        return ClsPromptLearner(model, tok, names, bg, pr["n_ctx"], pr["cls"]["init_std"], seed)
-    layout = pr["seg"]["layout"]
-    if layout == "shared_end":  # the original's COCO seg prompts: the cls layout, its own init and training
-        return ClsPromptLearner(model, tok, names, bg, pr["n_ctx"], pr["seg"]["init_std"], seed)
-    if layout != "specific_front":
-        raise FmalibError(f"params prompts.seg.layout={layout!r}; expected specific_front (VOC: a context per "
-                          f"class, name first, context-only bg prompts) or shared_end (COCO)")
-    return SegPromptLearner(model, tok, names, len(bg), pr["n_ctx"], pr["seg"]["init_std"], seed)
-
-
 def fg_similarity(features: torch.Tensor, n_fg: int) -> float:
     """Mean cosine between distinct foreground prompts of (K, D) L2-normalised features (1.0: all alike).
 

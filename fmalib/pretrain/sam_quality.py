@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..core.errors import FmalibError
 from ..core.params import Params
 from ..data.synthetic import generate_sample, sample_ids, sample_size
-from ..method.generator import MultiLevelMaskGenerator
+from ..method.generator import MASK_KEYS, MultiLevelMaskGenerator
 from .regions import region_maps
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def sam_quality(model: Sam, params: Params, n_images: int | None = None, multile
            "amg": amg_object_recall(model, samples, recall_iou=ev["recall_iou"], **amg)}
     if multilevel:
 
-        gen = MultiLevelMaskGenerator(model, params["masks"])
+        gen = MultiLevelMaskGenerator(model, **{k: params["masks"][k] for k in MASK_KEYS})
         out["amg_multilevel"] = amg_object_recall(None, samples, recall_iou=ev["recall_iou"],
                                                   mask_fn=lambda image: list(gen.generate(image).to_bool()))
     log.info("tiny SAM quality on %d val images: %s", len(samples), out)

@@ -18,11 +18,10 @@ from ..data import open_dataset
 from ..data.fingerprint import split_key
 from ..data.labels import write_label_png
 from ..method.image_cams import image_cams
-from ..method.prompts import build_prompts
 from ..method.seed_rules import bg_threshold_sweep, cam_argmax_seeds
 from ..models.checkpoints import clip_fingerprint, load_clip_from_params
 from ..models.clip import input_size, patch_size
-from .prompt_runs import load_context, trained_context_path
+from .prompt_runs import build_prompts, load_context, trained_context_path
 from .shards import launcher_device, resolve_shard, shard_indices
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,14 @@ def warn_tiny_image(model, image_id: str, size: tuple[int, int], max_side: int |
     return True
 
 
+def cam_arguments(params, prompts: str) -> dict:
+    """``image_cams``' keyword arguments from ``params.cam`` for the prompt kind ``prompts``."""
+    cam = params["cam"]
+    return {"target": cam["target"], "target_layer": cam["target_layer"], "caa_last_k": cam["caa_last_k"],
+            "sinkhorn_iters": cam["sinkhorn_iters"], "threshold": float(cam["caa_threshold"][prompts]),
+            "caa_source": cam["caa_source"][prompts], "max_side": cam["max_side"]}
+
+
 def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, int] | None = None,
                   ctx_path: str | Path | None = None, seeds_dir: str | Path | None = None, model=None,
                   progress: bool = True, force: bool = False) -> StageCache:
@@ -85,14 +92,12 @@ def run_cam_stage(params, split: str, prompts: str = "cls", shard: tuple[int, in
         load_context(pset, ctx_path)
     with torch.no_grad():
         text = pset()
-    threshold = float(params["cam"]["caa_threshold"][prompts])
     index = {ds.ids[j]: j for j in todo}
     for image_id in tqdm(cache.claim_each(list(index), force=force), total=len(todo), desc=f"CAMs {prompts}/{split}",
                          disable=not progress):
         item = ds[index[image_id]]
         warn_tiny_image(model, item["id"], item["image"].shape[:2], params["cam"]["max_side"])
-        res = image_cams(model, text, pset.n_fg, item["image"], item["labels"], params["cam"], threshold,
-                         params["cam"]["caa_source"][prompts])
+        res = image_cams(model, text, pset.n_fg, item["image"], item["labels"], **cam_arguments(params, prompts))
         cache.save_npz(item["id"], labels=res["labels"], cam=res["cam"].astype(np.float16),
                        cam_caa=res["cam_caa"].astype(np.float16))
     return cache

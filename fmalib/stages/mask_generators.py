@@ -18,10 +18,10 @@ model loader and fingerprint in ``models/checkpoints.py``, and an entry here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from ..core.errors import FmalibError
-from ..method.generator import MultiLevelMaskGenerator
+from ..method.generator import MASK_KEYS, MultiLevelMaskGenerator
 from ..method.generator_sam2 import MultiLevelSam2MaskGenerator
 from ..models.checkpoints import load_sam2_from_params, load_sam_from_params, sam2_fingerprint, sam_fingerprint
 
@@ -33,7 +33,7 @@ class MaskGeneratorSpec:
     name: str
     fingerprint: Callable[[Any], dict]  # params -> JSON-able identity of the model (cache keys)
     load_model: Callable[..., Any]  # (params, device=None) -> the frozen model
-    build: Callable[[Any, Mapping[str, Any]], Any]  # (model, params.masks) -> object with generate(image) -> MaskSet
+    build: Callable[..., Any]  # (model, **mask_arguments(params)) -> object with generate(image) -> MaskSet
     label: str  # what logs and benches call it
 
 
@@ -66,4 +66,9 @@ def build_mask_generator(params, model=None, device: str | None = None):
     spec = generator_spec(params)
     if model is None:
         model = spec.load_model(params, device)
-    return spec.build(model, params["masks"])
+    return spec.build(model, **mask_arguments(params))
+
+
+def mask_arguments(params) -> dict:
+    """The generators' keyword arguments (``MASK_KEYS``) from ``params.masks``."""
+    return {k: params["masks"][k] for k in MASK_KEYS}

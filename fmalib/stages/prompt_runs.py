@@ -14,7 +14,8 @@ from ..core.cache import StageCache, atomic_torch_save, dir_fingerprint, stray_f
 from ..core.device import get_device
 from ..core.errors import FmalibError
 from ..data.fingerprint import split_key
-from ..method.prompts import PromptSet
+from ..method.prompts import KINDS, ClsPromptLearner, HandPrompts, PromptSet, SegPromptLearner
+from ..models import clip as C
 from ..models.checkpoints import clip_fingerprint
 from .shards import fill_command
 
@@ -89,3 +90,19 @@ def load_context(prompts: PromptSet, path: str | os.PathLike) -> PromptSet:
                           f"(another prompt kind, class list or n_ctx?)")
     prompts.load_state_dict(state)
     return prompts
+
+
+def build_prompts(kind: str, model, params, seed: int | None = None) -> PromptSet:
+    """The prompt set ``kind`` (hand | cls | seg) that ``params.classes`` and ``params.prompts`` describe."""
+    if kind not in KINDS:
+        raise FmalibError(f"prompt kind {kind!r}; expected one of {KINDS}")
+    names, bg, pr = list(params["classes"]["synonyms"]), list(params["classes"]["bg_words"]), params["prompts"]
+    tok = C.get_tokenizer(params["clip"]["model"])
+    seed = int(params["seed"] if seed is None else seed)
+    if kind == "hand":
+        return HandPrompts(model, tok, names, bg, pr["hand_template"])
+    if kind == "cls":
+        return ClsPromptLearner(model, tok, names, bg, pr["n_ctx"], pr["cls"]["init_std"], seed)
+    if pr["seg"]["layout"] == "shared_end":  # the original's COCO seg prompts: the cls layout, its own training
+        return ClsPromptLearner(model, tok, names, bg, pr["n_ctx"], pr["seg"]["init_std"], seed)
+    return SegPromptLearner(model, tok, names, len(bg), pr["n_ctx"], pr["seg"]["init_std"], seed)

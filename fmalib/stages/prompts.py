@@ -31,11 +31,11 @@ from ..core.device import get_device
 from ..data import open_dataset
 from ..method.metrics import average_precision, multi_hot
 from ..method.objectives import cls_batch_loss, seg_batch_loss
-from ..method.prompts import PromptSet, build_prompts, fg_similarity
+from ..method.prompts import PromptSet, fg_similarity
 from ..models import clip as C
 from ..models.checkpoints import load_clip_from_params
 from .prompt_data import TrainSet, batch_indices
-from .prompt_runs import load_context, save_context, train_cache
+from .prompt_runs import build_prompts, load_context, save_context, train_cache
 
 log = logging.getLogger(__name__)
 

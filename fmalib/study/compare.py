@@ -19,7 +19,7 @@ from typing import Any
 from ..core.params import Params, load_params
 from ..data import open_dataset
 from ..method.metrics import mean_iou
-from ..method.prompts import build_prompts
+from ..stages.prompt_runs import build_prompts
 from ..models.checkpoints import load_clip_from_params
 from ..segment import evaluate_segmenter, run_dir, train_segmenter
 from ..stages.cams import argmax_seed_miou, run_cam_stage

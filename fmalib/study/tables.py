@@ -13,6 +13,7 @@ from ..method.masks import LEVELS
 from ..method.metrics import region_recall
 from ..method.overlap import overlap_filter
 from ..models.checkpoints import load_sam_from_params
+from ..stages.mask_generators import mask_arguments
 from ..stages.masks import load_masks
 
 
@@ -36,11 +37,11 @@ def mask_table(cache: StageCache, dataset, limit: int | None = None):
 def filter_effect(params, images: Sequence[np.ndarray], model=None):
     """Masks per level before and after the overlap filter on a few images (recomputes SAM on them)."""
     generator = MultiLevelMaskGenerator(model if model is not None else load_sam_from_params(params),
-                                        params["masks"])
+                                        **mask_arguments(params))
     rows = []
     for i, image in enumerate(tqdm(images, desc="overlap filter effect", leave=False)):
         raw = generator.generate_unfiltered(image)
-        keep = overlap_filter(raw.rles(), raw.levels, generator.cfg["overlap_thresh"])
+        keep = overlap_filter(raw.rles(), raw.levels, generator.overlap_thresh)
         for stage, levels in (("before", raw.levels), ("after", raw.levels[keep])):
             counts = np.bincount(levels, minlength=3)[:3]
             rows.append({"image": i, "filter": stage, **{n: int(c) for n, c in zip(LEVELS, counts)}})
