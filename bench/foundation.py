@@ -20,7 +20,7 @@ from fmalib.models.checkpoints import clip_checkpoint, load_clip_from_params, lo
 from fmalib.models.clip import clip_identity, get_tokenizer
 from fmalib.pretrain.clip_quality import cam_peak_hit_rate, zero_shot_map
 from fmalib.pretrain.sam_quality import sam_quality
-from fmalib.stages.cams import argmax_seed_miou
+from fmalib.stages.cam_argmax import argmax_seed_miou
 from fmalib.study.results import write_bench
 
 # issue 15's targets for the CLIP (val, hand prompts); issue 7's for SAM

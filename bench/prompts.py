@@ -30,10 +30,10 @@ from fmalib.data import open_dataset
 from fmalib.method.objectives import cls_batch_loss, seg_batch_loss
 from fmalib.stages.prompt_runs import build_prompts
 from fmalib.models.checkpoints import clip_fingerprint, load_clip_from_params
-from fmalib.stages.cams import argmax_seed_miou
+from fmalib.stages.cam_argmax import argmax_seed_miou
 from fmalib.stages.prompt_runs import load_context
 from fmalib.stages.prompts import classification_map, train_prompts
-from fmalib.stages.seeds import seg_training_seeds
+from fmalib.stages.pipeline import seg_training_seeds
 
 log = logging.getLogger("bench.prompts")
 

@@ -45,7 +45,8 @@ from fmalib.stages.cam_files import refine_cam_files
 from fmalib.stages.cams import load_cams, run_cam_stage
 from fmalib.stages.mask_generators import build_mask_generator
 from fmalib.stages.masks import run_mask_stage
-from fmalib.stages.seeds import evaluate_seeds, make_seeds
+from fmalib.stages.seeds import make_seeds
+from fmalib.stages.seed_eval import evaluate_seeds
 from fmalib.study.results import write_bench
 
 

@@ -31,7 +31,8 @@ from fmalib.models import clip as C
 from fmalib.models.sam import load_sam
 from fmalib.stages.cams import run_cam_stage, warn_tiny_image
 from fmalib.stages.masks import mask_cache, save_masks
-from fmalib.stages.seeds import cam_argmax_seed_dir, make_seeds
+from fmalib.stages.seeds import make_seeds
+from fmalib.stages.cam_argmax import cam_argmax_seed_dir
 from fmalib.study.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -226,7 +226,7 @@ def test_run_cam_stage_caches_shards_and_resumes(tmp_path):
 
 def test_argmax_seed_miou_is_kept_beside_the_cams_and_reused(tmp_path):
     from fmalib.data import open_dataset
-    from fmalib.stages.cams import argmax_seed_miou, cached_items
+    from fmalib.stages.cam_argmax import argmax_seed_miou, cached_items
 
     params = load_params("params/toy.yaml", {
         "workdir": str(tmp_path / "work"), "data.root": str(tmp_path / "data"), "clip.checkpoint": None,

@@ -20,7 +20,8 @@ from fmalib.segment.train import run_dir
 from fmalib.stages.cams import cam_cache
 from fmalib.stages.masks import mask_cache
 from fmalib.stages.prompt_runs import train_cache
-from fmalib.stages.seeds import bg_power_rule, cam_argmax_cache, cam_loader, seed_cache
+from fmalib.stages.seeds import bg_power_rule, cam_loader, seed_cache
+from fmalib.stages.cam_argmax import cam_argmax_cache
 
 REPO = Path(__file__).resolve().parents[1]
 

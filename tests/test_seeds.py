@@ -14,7 +14,8 @@ from fmalib.method.masks import MaskSet
 from fmalib.method.metrics import mean_iou
 from fmalib.method.rle import MaskRuns
 from fmalib.stages.masks import mask_cache, save_masks
-from fmalib.stages.seeds import evaluate_seeds, make_seeds, seed_power_sweep
+from fmalib.stages.seeds import make_seeds
+from fmalib.stages.seed_eval import evaluate_seeds, seed_power_sweep
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def test_make_seeds_needs_the_masks(setup):
         make_seeds(load_params(dict(params), {"masks.overlap_thresh": 0.2}), "train", cams.__getitem__)
     with pytest.raises(FmalibError, match="cam_source"):
         make_seeds(params, "train", 42)
-    with pytest.raises(FmalibError, match="stage"):
+    with pytest.raises(FmalibError, match="kind .medium."):
         make_seeds(params, "train", cams.__getitem__, "medium")
 
 

@@ -22,7 +22,7 @@ it keeps the point grids, the crop boxes, the ``SAM2ImagePredictor`` (``self.pre
   64), so a small SAM 2 (tests, the toy bench) runs.
 
 ``sam2`` is optional (``pip install -e ".[sam2]"``): it is imported inside ``sam2_generator_class``, which
-builds the subclass on first use; ``MultiLevelSam2MaskGenerator(model, cfg)`` builds one generator.
+builds the subclass on first use; ``MultiLevelSam2MaskGenerator(model, **arguments)`` builds one generator.
 """
 from __future__ import annotations
 

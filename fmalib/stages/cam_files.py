@@ -40,7 +40,8 @@ from ..core.params import repo_relative
 from ..data import open_dataset
 from ..method.metrics import mean_iou
 from .masks import run_mask_stage
-from .seeds import evaluate_seeds, make_seeds
+from .seeds import make_seeds
+from .seed_eval import evaluate_seeds
 
 log = logging.getLogger(__name__)
 

@@ -52,16 +52,16 @@ def color_jitter(x: torch.Tensor, rng: np.random.Generator, strength: Sequence[f
 
 
 def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator,
-            cfg) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 (H, W, 3) [+ uint8 (H, W) seeds] -> float (3, S, S) in [0, 1] [+ long (S, S)], S = cfg.crop_size.
+            aug) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 (H, W, 3) [+ uint8 (H, W) seeds] -> float (3, S, S) in [0, 1] [+ long (S, S)], S = aug.crop_size.
 
-    Colour jitter; rescale (bicubic) so the long side is uniform in cfg.long_side and the short side ≥ S;
-    random S×S crop (padding with 0 / ignore if ever needed); horizontal flip with p = 0.5 if cfg.flip.
+    Colour jitter; rescale (bicubic) so the long side is uniform in aug.long_side and the short side ≥ S;
+    random S×S crop (padding with 0 / ignore if ever needed); horizontal flip with p = 0.5 if aug.flip.
     """
-    crop = int(cfg["crop_size"])
-    lo, hi = (int(v) for v in cfg["long_side"])
+    crop = int(aug["crop_size"])
+    lo, hi = (int(v) for v in aug["long_side"])
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-    x = color_jitter(x, rng, cfg["color_jitter"]).clamp(0, 1)
+    x = color_jitter(x, rng, aug["color_jitter"]).clamp(0, 1)
     h, w = image.shape[:2]
     scale = max(rng.integers(lo, hi + 1) / max(h, w), crop / min(h, w))
     # an extreme aspect ratio (1 x 3000 px) would ask for a 224 x 672,000 tensor: cap the long side at 4x the
@@ -78,7 +78,7 @@ def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generato
     top, left = int(rng.integers(0, nh - crop + 1)), int(rng.integers(0, nw - crop + 1))
     x = x[:, top:top + crop, left:left + crop]
     y = y[top:top + crop, left:left + crop] if y is not None else None
-    if cfg["flip"] and rng.random() < 0.5:
+    if aug["flip"] and rng.random() < 0.5:
         x = x.flip(-1)
         y = y.flip(-1) if y is not None else None
     return x, y
@@ -87,8 +87,8 @@ def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generato
 class TrainSet(torch.utils.data.Dataset):
     """Items keyed by (iteration, slot, dataset index) so augmentation is seeded per item."""
 
-    def __init__(self, dataset, cfg, seed: int, num_classes: int, seeds_dir: Path | None, mean, std):
-        self.ds, self.cfg, self.seed, self.C, self.seeds_dir = dataset, cfg, seed, num_classes, seeds_dir
+    def __init__(self, dataset, aug, seed: int, num_classes: int, seeds_dir: Path | None, mean, std):
+        self.ds, self.aug, self.seed, self.C, self.seeds_dir = dataset, aug, seed, num_classes, seeds_dir
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
     def __len__(self) -> int:
@@ -103,7 +103,7 @@ class TrainSet(torch.utils.data.Dataset):
             if not path.is_file():
                 raise FmalibError(f"seed map {path} missing for training image {item['id']!r}")
             seed_map = read_label_png(path)
-        x, y = augment(item["image"], seed_map, np.random.default_rng([self.seed, it, slot]), self.cfg)
+        x, y = augment(item["image"], seed_map, np.random.default_rng([self.seed, it, slot]), self.aug)
         present = torch.zeros(self.C, dtype=torch.bool)
         present[torch.as_tensor(np.asarray(item["labels"], np.int64) - 1)] = True
         return (x - self.mean) / self.std, present, (y if y is not None else torch.zeros(0, dtype=torch.long))

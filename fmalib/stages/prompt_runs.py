@@ -1,4 +1,4 @@
-"""Where trained prompts live: the key of a prompt-training run (its directory under ``workdir/prompts_<stage>``),
+"""Where trained prompts live: the key of a prompt-training run (its directory under ``workdir/prompts_<kind>``),
 the finished run's context file, and context files written and read back. Apart from the training loop
 (``fmalib.stages.prompts``) so that the stages reading trained prompts (the CAM stage) do not hold the loop's code
 in their cache keys — their keys hold the context file's content instead."""
@@ -21,24 +21,24 @@ from .shards import fill_command
 
 log = logging.getLogger(__name__)
 
-STAGES = ("cls", "seg")
+TRAINED_KINDS = ("cls", "seg")
 TRAINER = "fmalib.stages.prompts"  # the module whose code a training run's key holds
 
 
-def train_cache(params, stage: str, seeds_dir: str | Path | None = None) -> StageCache:
+def train_cache(params, kind: str, seeds_dir: str | Path | None = None) -> StageCache:
     """Output dir of a training run: keyed by everything that changes its result."""
-    if stage not in STAGES:
-        raise FmalibError(f"prompt stage {stage!r}; expected one of {STAGES}")
+    if kind not in TRAINED_KINDS:
+        raise FmalibError(f"prompt kind {kind!r}; expected one of {TRAINED_KINDS}")
     pr = params["prompts"]
     device = get_device(params["device"]).type
-    # not the other stage's settings, the CLIP-ES template, checkpoint spacing or loader workers; AMP only
+    # not the other kind's settings, the CLIP-ES template, checkpoint spacing or loader workers; AMP only
     # acts on CUDA
-    common = {k: v for k, v in pr.items() if k not in STAGES + ("hand_template", "ckpt_every", "num_workers", "amp")}
+    common = {k: v for k, v in pr.items() if k not in TRAINED_KINDS + ("hand_template", "ckpt_every", "num_workers", "amp")}
     common["amp"] = bool(pr["amp"]) and device == "cuda"
     seeds = None
-    if stage == "seg":
+    if kind == "seg":
         if seeds_dir is None:
-            raise FmalibError("train_prompts(stage='seg') needs seeds_dir: a folder of <image id>.png seed maps")
+            raise FmalibError("train_prompts(kind='seg') needs seeds_dir: a folder of <image id>.png seed maps")
         seeds_dir = Path(seeds_dir)
         if not seeds_dir.is_dir():
             raise FmalibError(f"seeds_dir {seeds_dir} does not exist (expected <image id>.png seed label maps)")
@@ -47,23 +47,23 @@ def train_cache(params, stage: str, seeds_dir: str | Path | None = None) -> Stag
         if stray:
             log.warning("seeds folder %s holds %d hidden or temporary file(s), not part of its fingerprint (left by "
                         "an interrupted write?): %s", seeds_dir, len(stray), ", ".join(p.name for p in stray[:5]))
-    key = {"stage": stage, "prompts": common, "stage_cfg": pr[stage], "classes": params["classes"],
+    key = {"kind": kind, "prompts": common, "schedule": pr[kind], "classes": params["classes"],
            "clip": clip_fingerprint(params), "data": split_key(params, params["data"]["train_split"]),
            "seed": int(params["seed"]), "seeds": seeds, "device": device}
-    if stage == "seg":  # the seg loss differentiates Grad-CAMs of this target
+    if kind == "seg":  # the seg loss differentiates Grad-CAMs of this target
         key["cam_target"] = params["cam"]["target"]
         key["cam_target_layer"] = params["cam"]["target_layer"]
-    return StageCache(params.resolve_path("workdir"), f"prompts_{stage}", key, code=TRAINER)
+    return StageCache(params.resolve_path("workdir"), f"prompts_{kind}", key, code=TRAINER)
 
 
-def trained_context_path(params, stage: str, seeds_dir: str | Path | None = None) -> Path:
-    """context.pt of the finished ``train_prompts(params, stage, seeds_dir)`` run; an error if not trained."""
-    path = train_cache(params, stage, seeds_dir).dir / "context.pt"
+def trained_context_path(params, kind: str, seeds_dir: str | Path | None = None) -> Path:
+    """context.pt of the finished ``train_prompts(params, kind, seeds_dir)`` run; an error if not trained."""
+    path = train_cache(params, kind, seeds_dir).dir / "context.pt"
     if not path.is_file():
-        why = "none trained on these seeds (new or changed coarse seeds?)" if stage == "seg" else "not trained"
-        raise FmalibError(f"no trained {stage} prompts at {path}: {why}; run `{fill_command(params, 'prompts')}` "
+        why = "none trained on these seeds (new or changed coarse seeds?)" if kind == "seg" else "not trained"
+        raise FmalibError(f"no trained {kind} prompts at {path}: {why}; run `{fill_command(params, 'prompts')}` "
                           f"(with this run's --set / --fast options) or fmalib.stages.prompts.train_prompts(params, "
-                          f"{stage!r}{', seeds_dir=...' if stage == 'seg' else ''}) first")
+                          f"{kind!r}{', seeds_dir=...' if kind == 'seg' else ''}) first")
     return path
 
 

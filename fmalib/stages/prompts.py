@@ -53,7 +53,7 @@ def lr_at(it: int, iters: int, lr: float, warmup_iters: int, warmup_lr: float) -
 
 @dataclass
 class TrainResult:
-    stage: str
+    kind: str
     out_dir: Path
     context_path: Path
     csv_path: Path
@@ -88,39 +88,39 @@ def _read_csv(path: Path, res: "TrainResult") -> None:
         setattr(res, attr, [float(r.get(col) or "nan") for r in rows])  # runs logged before a column: NaN
 
 
-def train_prompts(params, stage: str = "cls", seeds_dir: str | Path | None = None, model=None,
+def train_prompts(params, kind: str = "cls", seeds_dir: str | Path | None = None, model=None,
                   progress: bool = True, stop_after: int | None = None, force: bool = False) -> TrainResult:
-    """Train the ``stage`` prompts; returns the run's losses and paths (cached: a finished run is loaded).
+    """Train the ``kind`` prompts; returns the run's losses and paths (cached: a finished run is loaded).
 
     Resumes from ``ckpt.pt`` when one is there. ``stop_after`` ends the run early after that many
     iterations (a checkpoint is written) — used to test resuming. ``force`` trains from scratch, replacing
     a finished or interrupted run of the same key. A second process training the same prompts waits for the
     first and reads its result.
     """
-    cache = train_cache(params, stage, seeds_dir)
+    cache = train_cache(params, kind, seeds_dir)
     with cache.exclusive("context", ".pt"):
-        return _train(params, stage, cache, seeds_dir, model, progress, stop_after, force)
+        return _train(params, kind, cache, seeds_dir, model, progress, stop_after, force)
 
 
-def _train(params, stage, cache, seeds_dir, model, progress, stop_after, force) -> TrainResult:
+def _train(params, kind, cache, seeds_dir, model, progress, stop_after, force) -> TrainResult:
     out = cache.dir
-    res = TrainResult(stage, out, out / "context.pt", out / "loss.csv")
-    iters = int(params["prompts"][stage]["iters"])
+    res = TrainResult(kind, out, out / "context.pt", out / "loss.csv")
+    iters = int(params["prompts"][kind]["iters"])
     if force:
         for path in (res.context_path, out / "ckpt.pt"):
             path.unlink(missing_ok=True)
     if res.context_path.is_file() and res.csv_path.is_file():
         _read_csv(res.csv_path, res)
-        log.info("%s prompts: %s", stage, cache.status(0, iters))
+        log.info("%s prompts: %s", kind, cache.status(0, iters))
         return res
 
-    pr, cfg = params["prompts"], params["prompts"][stage]
+    pr, schedule = params["prompts"], params["prompts"][kind]
     device = get_device(params["device"])
     use_amp = bool(pr["amp"]) and device.type == "cuda"
     model = model if model is not None else load_clip_from_params(params)
-    prompts = build_prompts(stage, model, params).to(device)
-    opt = torch.optim.SGD(prompts.parameters(), lr=float(cfg["lr"]), momentum=float(pr["momentum"]),
-                          weight_decay=float(cfg["weight_decay"]))
+    prompts = build_prompts(kind, model, params).to(device)
+    opt = torch.optim.SGD(prompts.parameters(), lr=float(schedule["lr"]), momentum=float(pr["momentum"]),
+                          weight_decay=float(schedule["weight_decay"]))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start = 0
     ckpt = out / "ckpt.pt"
@@ -135,7 +135,7 @@ def _train(params, stage, cache, seeds_dir, model, progress, stop_after, force) 
             setattr(res, attr, list(blob.get(attr, [float("nan")] * start)))
 
     ds = open_dataset(params, params["data"]["train_split"])
-    seeds_path = Path(seeds_dir) if stage == "seg" else None
+    seeds_path = Path(seeds_dir) if kind == "seg" else None
     mean, std = C.image_normalization(model)
     data = TrainSet(ds, pr, int(params["seed"]), len(ds.class_names), seeds_path, mean, std)
     batch = int(pr["batch_size"])
@@ -150,23 +150,23 @@ def _train(params, stage, cache, seeds_dir, model, progress, stop_after, force) 
                                  **{attr: getattr(res, attr) for attr in CSV_FIELDS}})
         _write_csv(res.csv_path, res)
 
-    log.info("%s prompts: %s; iterations %d..%d, batch %d, %s%s", stage, cache.status(iters - start, iters, force),
+    log.info("%s prompts: %s; iterations %d..%d, batch %d, %s%s", kind, cache.status(iters - start, iters, force),
              start, end, batch, device, " + AMP" if use_amp else "")
     prompts.train()
-    bar = tqdm(loader, total=len(keys), desc=f"{stage} prompts", disable=not progress, initial=0)
+    bar = tqdm(loader, total=len(keys), desc=f"{kind} prompts", disable=not progress, initial=0)
     it = start
     t0 = time.perf_counter()
     for images, present, seeds in bar:
-        lr = lr_at(it, iters, cfg["lr"], cfg["warmup_iters"], cfg["warmup_lr"])
+        lr = lr_at(it, iters, schedule["lr"], schedule["warmup_iters"], schedule["warmup_lr"])
         for g in opt.param_groups:
             g["lr"] = lr
         images, present, seeds = images.to(device), present.to(device), seeds.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            if stage == "cls":
-                loss = cls_batch_loss(model, prompts, images, present, cfg["loss"])
+            if kind == "cls":
+                loss = cls_batch_loss(model, prompts, images, present, schedule["loss"])
             else:
                 loss = seg_batch_loss(model, prompts, images, present, seeds, params["cam"]["target"],
-                                      params["cam"]["target_layer"], cfg["pairs"])
+                                      params["cam"]["target_layer"], schedule["pairs"])
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -183,9 +183,9 @@ def _train(params, stage, cache, seeds_dir, model, progress, stop_after, force) 
         if it % int(pr["ckpt_every"]) == 0 or it == end:
             save_ckpt(it)
     if it >= iters:
-        save_context(prompts, res.context_path, stage=stage, iters=iters)
+        save_context(prompts, res.context_path, kind=kind, iters=iters)
         _write_csv(res.csv_path, res)
-        log.info("%s prompts trained: %s (loss %.4f -> %.4f, %.2f it/s)", stage, res.context_path,
+        log.info("%s prompts trained: %s (loss %.4f -> %.4f, %.2f it/s)", kind, res.context_path,
                  res.losses[0], res.losses[-1], res.iters_per_s)
     return res
 

@@ -23,9 +23,9 @@ from ..pretrain.sam import pretrain_sam
 from ..segment.evaluate import evaluate_segmenter
 from ..segment.train import run_dir, train_segmenter
 from ..stages.cam_files import refine_cam_files
+from ..stages import pipeline
 from ..stages.masks import run_mask_stage
 from ..stages.prompts import train_prompts
-from ..stages.seeds import pipeline_seeds
 from ..stages.shards import check_shard, launcher_shard, resolve_shard
 from . import setup
 from .report import build_report
@@ -138,15 +138,15 @@ def prompts(args) -> None:
     _one_process("prompts")
     params = _params(args)
     train_prompts(params, "cls", force=args.force)
-    train_prompts(params, "seg", seeds_dir=pipeline_seeds(params, "coarse").dir, force=args.force)
+    train_prompts(params, "seg", seeds_dir=pipeline.seeds(params, "coarse").seeds.dir, force=args.force)
 
 
 def seeds(args) -> None:
     """Coarse and fine SAMS seeds of the train split (masks, CAMs and seeds cached and resumed; one process)."""
     _one_process("seeds")
     params = _params(args)
-    for stage in ("coarse", "fine"):
-        print(f"{stage} seeds: {pipeline_seeds(params, stage, force=args.force).dir}")
+    for kind in ("coarse", "fine"):
+        print(f"{kind} seeds: {pipeline.seeds(params, kind, force=args.force).seeds.dir}")
 
 
 def sams(args) -> None:

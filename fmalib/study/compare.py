@@ -22,11 +22,14 @@ from ..method.metrics import mean_iou
 from ..stages.prompt_runs import build_prompts
 from ..models.checkpoints import load_clip_from_params
 from ..segment import evaluate_segmenter, run_dir, train_segmenter
-from ..stages.cams import argmax_seed_miou, run_cam_stage
+from ..stages.cams import run_cam_stage
+from ..stages.cam_argmax import argmax_seed_miou
 from ..stages.masks import run_mask_stage
 from ..stages.prompt_runs import load_context
 from ..stages.prompts import classification_map, train_prompts
-from ..stages.seeds import cam_argmax_seed_dir, evaluate_seeds, make_seeds
+from ..stages.seeds import make_seeds
+from ..stages.cam_argmax import cam_argmax_seed_dir
+from ..stages.seed_eval import evaluate_seeds
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""What notebooks 04 (coarse seeds) and 06 (fine seeds) report about one SAMS seed set, as one helper: the
+"""What notebooks 04 (coarse seeds) and 06 (fine seeds) show, in one call: ``seed_study(params, kind)`` makes
+(or reuses) the masks, CAMs and SAMS seeds of that kind (``fmalib.stages.pipeline.seeds``) and evaluates the
 seeds against the ground truth beside CLIP-ES's CAM-argmax rule on the same CAMs (its bg threshold tuned on
 ground truth, its own protocol, so the comparison favours it) and any other seed folders, per-class IoU,
 the ground-truth sweep of p (for reference only: the method never uses it), the GT-free criterion, and a
@@ -15,7 +16,10 @@ from ..data import open_dataset
 from ..data.labels import read_label_png
 from ..method.metrics import iou_table, mean_iou
 from ..stages.cams import load_cams
-from ..stages.seeds import SeedSet, cam_argmax_seed_dir, evaluate_seeds, seed_power_sweep
+from ..stages.pipeline import SeedsRun, seeds
+from ..stages.seeds import SeedSet
+from ..stages.cam_argmax import cam_argmax_seed_dir
+from ..stages.seed_eval import evaluate_seeds, seed_power_sweep
 from . import viz
 from .figures import seed_panels
 
@@ -31,7 +35,7 @@ def power_criterion_figure(seeds: SeedSet):
 
 @dataclass
 class SeedReport:
-    stage: str  # coarse | fine
+    run: SeedsRun  # the masks, CAMs and seeds evaluated
     seeds: SeedSet
     cams: StageCache
     dataset: object
@@ -44,7 +48,7 @@ class SeedReport:
 
     @property
     def name(self) -> str:
-        return f"SAMS {self.stage} seeds"
+        return f"SAMS {self.run.kind} seeds"
 
     def iou_summary(self) -> pd.DataFrame:
         """One row per seed set: IoU per class and mIoU."""
@@ -56,7 +60,7 @@ class SeedReport:
 
     def per_class_figure(self):
         long = pd.concat([t.assign(seeds=k) for k, t in self.tables.items()], ignore_index=True)
-        return viz.per_class_bars(long, value="iou", by="class", hue="seeds", title=f"{self.stage} seeds: IoU per class")
+        return viz.per_class_bars(long, value="iou", by="class", hue="seeds", title=f"{self.run.kind} seeds: IoU per class")
 
     def examples_figure(self, n: int = 4):
         """Image, GT, CAM heat map, then every seed set of the report, for the first ``n`` images."""
@@ -76,23 +80,29 @@ class SeedReport:
         ours, argmax = self.miou[self.name], list(self.miou.values())[-1]
         gt_best = self.sweep.loc[self.sweep["miou"].idxmax()]
         return {"label_dir": str(self.seeds.dir), "bg_power": float(self.seeds.bg_power),
-                f"{self.stage}_seed_miou": ours, "cam_argmax_miou": argmax,
+                f"{self.run.kind}_seed_miou": ours, "cam_argmax_miou": argmax,
                 "cam_argmax_bg_threshold": float(self.argmax_threshold), "gain_points": 100 * (ours - argmax),
                 "gt_best_bg_power": float(gt_best["bg_power"]), "gt_best_miou": float(gt_best["miou"]),
                 "fallback_images": int(self.seeds.fallback_images)}
 
 
-def seed_report(params, seeds: SeedSet, cams: StageCache, split: str | None = None,
-                others: dict[str, Path] | None = None) -> SeedReport:
-    """Evaluate ``seeds`` (made from ``cams``) on ``split`` (default: train) against its ground truth, beside
-    ``others`` ({row name: seed folder}) and the CAM-argmax seeds of the same CAMs."""
-    split = split or params["data"]["train_split"]
+def seed_study(params, kind: str, split: str | None = None) -> SeedReport:
+    """The ``kind`` seeds of ``split`` (default: train) with their masks and CAMs, evaluated against the split's
+    ground truth beside the CAM-argmax seeds of the same CAMs (and, for fine seeds, the coarse ones)."""
+    run = seeds(params, kind, split)
+    return seed_report(params, run, {"SAMS coarse seeds": run.coarse.seeds.dir} if run.coarse else None)
+
+
+def seed_report(params, run: SeedsRun, others: dict[str, Path] | None = None) -> SeedReport:
+    """Evaluate the seeds of ``run`` against its split's ground truth, beside ``others`` ({row name: seed
+    folder}) and the CAM-argmax seeds of the same CAMs."""
+    split, seeds, cams = run.split, run.seeds, run.cams
     dataset = open_dataset(params, split)
     argmax_dir, t, _ = cam_argmax_seed_dir(params, split, cams)
-    folders = {f"SAMS {seeds.stage} seeds": Path(seeds.dir), **(others or {}),
+    folders = {f"SAMS {run.kind} seeds": Path(seeds.dir), **(others or {}),
                f"CAM argmax (bg {t:.2f}, GT-tuned)": Path(argmax_dir)}
     names = ["background", *dataset.class_names]
     conf = {k: evaluate_seeds(dataset, d) for k, d in folders.items()}
-    return SeedReport(seeds.stage, seeds, cams, dataset, bool(params["cam"]["use_caa"]), folders, t,
+    return SeedReport(run, seeds, cams, dataset, bool(params["cam"]["use_caa"]), folders, t,
                       {k: iou_table(c, names) for k, c in conf.items()}, {k: mean_iou(c) for k, c in conf.items()},
                       seed_power_sweep(params, split, cams))
