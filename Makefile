@@ -35,7 +35,7 @@ report:
 	$(PY) -m fmalib report --params $(PARAMS)
 
 bench:
-	# bench/gpu.py needs a GPU (tests/test_bench_gpu.py runs its CPU --dry-run)
+	# bench/gpu.py needs a GPU (tests/test_bench.py runs its CPU --dry-run)
 	for b in bench/*.py; do [ $$b = bench/gpu.py ] || $(PY) $$b || exit 1; done
 
 lab:

@@ -15,7 +15,7 @@
 Each section is timed on its own and errors are recorded, not fatal (exit status 1 if any); ``--budget-s``
 skips what would start after the budget. ``--dry-run``: the same code in CI size on CPU (tiny SAM and CLIP,
 one 128x96 image, no fp16, one iteration, DeepLabV3+ R18 at crop 64; well under a minute) -> --out (default
-reports/bench/gpu-dry-run.json); tests/test_bench_gpu.py runs it, so this script cannot rot.
+reports/bench/gpu-dry-run.json); tests/test_bench.py runs it, so this script cannot rot.
 
 On a bare GPU machine with its own PyTorch (torch, torchvision, numpy, scipy, pandas, pillow, pyyaml, regex,
 timm, huggingface_hub, safetensors, tqdm, matplotlib) and no package registry, carry the rest as wheels:

@@ -1,4 +1,4 @@
-"""SAMS speed: the run-length implementation vs the plain per-mask reference loop (tests/test_sams.py).
+"""SAMS speed: the run-length implementation vs the plain per-mask reference loop (tests/method/test_sams.py).
 
 100 masks (25 wholes, their halves as parts, quarters as subparts) on a 500×375 image, 20 present classes,
 CAMs on a 24×32 grid, on CPU. The reference upsamples the raw grid CAM (torch, bilinear), applies ReLU and

@@ -1,4 +1,4 @@
-"""The embedded benchmark: procedurally generated, seeded, VOC-like images (DESIGN.md "Embedded default").
+"""The embedded benchmark: procedurally generated, seeded, VOC-like images (the study's embedded default).
 
 Each image shows 1-3 objects from six foreground classes on 1-3 textured background "stuff" bands.
 A class has a distinct shape *and* a characteristic appearance (colour family + texture), overlapping

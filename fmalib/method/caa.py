@@ -1,4 +1,4 @@
-"""Class-aware attention refinement (CAA, CLIP-ES; METHOD §4): mean patch attention of the last k blocks →
+"""Class-aware attention refinement (CAA, CLIP-ES; docs/method.md §4): mean patch attention of the last k blocks →
 Sinkhorn → (A+Aᵀ)/2 → A·A; each class's CAM is propagated from inside the bounding boxes of its regions
 above a threshold."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Grad-CAM on a frozen CLIP (METHOD §4, CLIP-ES).
+"""Grad-CAM on a frozen CLIP (docs/method.md §4, CLIP-ES).
 
 - ``gradcam``: the target activation is the output of the last vision block's ``ln_1`` (``cam.target_layer:
   ln1_out``, the original's) or the tokens entering that block (``block_input``). Only that block and the

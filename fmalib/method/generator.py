@@ -1,4 +1,4 @@
-"""Multi-level SAM automatic masks (METHOD §5): SAM's three outputs kept apart, thresholded, de-duplicated.
+"""Multi-level SAM automatic masks (docs/method.md §5): SAM's three outputs kept apart, thresholded, de-duplicated.
 
 ``MultiLevelMaskGenerator`` is a ``segment_anything.SamAutomaticMaskGenerator``. From the stock generator it
 keeps the point grids, the crop boxes, the ``SamPredictor`` (``self.predictor``), ``MaskData`` and
@@ -203,7 +203,7 @@ class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
     def postprocess_small_regions(mask_data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
         """Stock: clean each mask (holes, then islands, < ``min_area`` px), then box NMS again with SAM's stock
         scores, 1 for a mask the cleaning left unchanged, 0 for a changed one — no whole bonus here
-        (METHOD §5). Ours works on the ``runs`` field, cleans with scipy (stock: OpenCV), keeps the survivors
+        (docs/method.md §5). Ours works on the ``runs`` field, cleans with scipy (stock: OpenCV), keeps the survivors
         in generation order and drops any mask left empty. Edits ``mask_data`` in place."""
         if len(mask_data["runs"]) == 0:
             return mask_data

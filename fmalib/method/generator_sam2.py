@@ -1,5 +1,5 @@
 """Multi-level SAM 2 automatic masks: the ``sam2`` package's ``SAM2AutomaticMaskGenerator`` turned into the
-generator of METHOD §5, as ``fmalib.method.generator`` turns segment_anything's.
+generator of docs/method.md §5, as ``fmalib.method.generator`` turns segment_anything's.
 
 The same thresholds (``MASK_KEYS``), the same levels (the multimask output index: 0 subpart,
 1 part, 2 whole — SAM 2's decoder has SAM's three multimask tokens), the same whole-mask bonuses, the same

@@ -1,4 +1,4 @@
-"""CAMs of one image for its present classes (METHOD §4): Grad-CAM at single scale (sides rounded to the patch
+"""CAMs of one image for its present classes (docs/method.md §4): Grad-CAM at single scale (sides rounded to the patch
 size), ReLU + min-max, and their CAA refinement."""
 from __future__ import annotations
 

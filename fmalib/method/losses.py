@@ -1,4 +1,4 @@
-"""The two prompt-learning losses of METHOD §3 (and one named ablation).
+"""The two prompt-learning losses of docs/method.md §3 (and one named ablation).
 
 - ``multilabel_contrastive_loss`` trains the classification prompts (the original's ``MultiLabelCLLoss``,
   reduce ``pos_mean``): only foreground logits enter; for each (image, present class p),
@@ -73,7 +73,7 @@ def bg_negatives_contrastive_loss(fg_logits: torch.Tensor, bg_logits: torch.Tens
 
 
 def cam_activation_loss(cams: torch.Tensor, labels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """CAM activation loss (METHOD §3) for dense CAMs (B, C, h, w) of every class; only present pairs count.
+    """CAM activation loss (docs/method.md §3) for dense CAMs (B, C, h, w) of every class; only present pairs count.
 
     labels (B, H, W) ints: 0 background, 1..C classes, 255 ignore; present (B, C) bool. See
     ``cam_activation_loss_pairs`` for the formula.

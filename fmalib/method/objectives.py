@@ -1,4 +1,4 @@
-"""The per-batch objectives of prompt training (METHOD §3) on a frozen CLIP: the multi-label contrastive loss
+"""The per-batch objectives of prompt training (docs/method.md §3) on a frozen CLIP: the multi-label contrastive loss
 of the cls prompts and the CAM activation loss of the seg prompts, whose (image, class) pairs come from the
 cropped seed map."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ def cls_batch_loss(model, prompts: PromptSet, images: torch.Tensor, present: tor
                    loss: str = "absent_fg") -> torch.Tensor:
     """Multi-label contrastive loss of a batch (image tower without grad: CLIP is frozen).
 
-    ``loss``: ``absent_fg`` — fg logits only, negatives the absent classes (METHOD §3, the original's);
+    ``loss``: ``absent_fg`` — fg logits only, negatives the absent classes (docs/method.md §3, the original's);
     ``bg_negatives`` — the background prompts as negatives (ablation)."""
     if loss not in CLS_LOSSES:
         raise FmalibError(f"cls loss={loss!r}; expected one of {CLS_LOSSES}")

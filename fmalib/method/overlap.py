@@ -1,4 +1,4 @@
-"""The overlap filter (the original's ``rock_sand_water``; METHOD §5), level by level, each level as one batch:
+"""The overlap filter (the original's ``rock_sand_water``; docs/method.md §5), level by level, each level as one batch:
 every whole mask is kept; all part masks are then tested at once against the kept wholes, and all subpart
 masks against the wholes + kept parts; a candidate stays if the largest fraction of it covered by any single
 kept mask, |m ∩ k| / |m|, is below ``overlap_thresh`` (0.3). Masks of one level are never tested against
@@ -15,7 +15,7 @@ from .masks import WHOLE
 
 
 def overlap_filter(rles: Sequence[Mapping[str, Any]], levels: np.ndarray, thresh: float) -> np.ndarray:
-    """Indices (ascending) of the masks kept by the level-by-level overlap filter (module doc, METHOD §5).
+    """Indices (ascending) of the masks kept by the level-by-level overlap filter (module doc, docs/method.md §5).
 
     ``rles``: pycocotools RLE dicts of the image's (non-empty) masks; ``levels`` (N,) 0/1/2. Every whole is
     kept; then the parts, as one batch, are kept where max over kept k of |m ∩ k| / |m| < ``thresh``; then

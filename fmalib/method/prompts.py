@@ -1,4 +1,4 @@
-"""CoOp prompt learners on a frozen CLIP (METHOD §2) and the CLIP-ES hand-prompt baseline.
+"""CoOp prompt learners on a frozen CLIP (docs/method.md §2) and the CLIP-ES hand-prompt baseline.
 
 Every prompt set is K = C foreground + N background prompts whose text features come from the CLIP text
 tower run on token *embeddings*; some token positions hold learnable context vectors:

@@ -1,4 +1,4 @@
-"""SAMS: SAM-based seeding (METHOD §5) — CAMs of any method + SAM masks -> a pseudo-label map.
+"""SAMS: SAM-based seeding (docs/method.md §5) — CAMs of any method + SAM masks -> a pseudo-label map.
 
 In the original's order (FMA-WSSS ``anns_seed``: ``resize_cam_cuda`` then ``gather_norm_bg_argmax`` with
 ``norm_first=True``): each present class's CAM is upsampled bilinearly (align_corners=False) to the image
@@ -52,7 +52,7 @@ linearity (ReLU of an interpolation is not the interpolation of ReLUs), so it is
 Painting resolves the top mask of every elementary interval between run boundaries with XOR-accumulated
 bitsets (O(runs + pixels)). Nothing is ever (N, H, W) dense.
 bench/sams.py: 100 masks, 500×375, 20 classes — see reports/bench/sams.json for the speed-up over the
-plain loop kept in tests/test_sams.py.
+plain loop kept in tests/method/test_sams.py.
 
 Choosing the background power p without ground truth
 ----------------------------------------------------

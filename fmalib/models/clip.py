@@ -54,7 +54,7 @@ class VisualOut:
 
     block_input: torch.Tensor  # (B, 1+h*w, W) tokens entering the last block; requires grad when grad is on
     patch_embed: torch.Tensor  # (B, h, w, D) patch tokens after ln_post + proj
-    image_embed: torch.Tensor  # (B, D) mean of patch_embed (METHOD §1), not normalised
+    image_embed: torch.Tensor  # (B, D) mean of patch_embed (docs/method.md §1), not normalised
     class_embed: torch.Tensor  # (B, D) the class token after ln_post + proj (what CLS-pooled CLIPs train on)
     attn: list  # last k blocks' attention (B, 1+h*w, 1+h*w), head-averaged, oldest first
     grid: tuple  # (h, w)
@@ -414,7 +414,7 @@ def _block_with_attn(blk: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torc
 def encode_image_tokens(model, images: torch.Tensor, attn_last_k: int = 0) -> VisualOut:
     """Run the vision tower on normalised images (B, 3, H, W), H and W multiples of the patch size.
 
-    Positional embeddings are resized to the input's grid (METHOD §1). When grad is enabled and the
+    Positional embeddings are resized to the input's grid (docs/method.md §1). When grad is enabled and the
     input does not require grad (frozen CLIP), ``block_input`` is made a leaf that requires grad, so
     ``torch.autograd.grad(score, out.block_input)`` gives Grad-CAM's gradients.
     """
@@ -469,7 +469,7 @@ GRADCAM_TARGETS = ("ln1_out", "block_input")
 
 
 def last_block_embed(model, block_input: torch.Tensor, ln1_out: torch.Tensor | None = None) -> torch.Tensor:
-    """(P, 1+h*w, W) tokens entering the last vision block -> (P, D) image embeddings (METHOD §1: patch mean).
+    """(P, 1+h*w, W) tokens entering the last vision block -> (P, D) image embeddings (docs/method.md §1: patch mean).
 
     With ``ln1_out`` given, it replaces the block's ``ln_1(block_input)`` — the normalised tokens its attention
     reads — while the residual stream still carries ``block_input``: a gradient w.r.t. ``ln1_out`` then flows

@@ -18,7 +18,7 @@ can pretrain"), so the recipe adds, on the same images and the same text tower:
   ``dense`` (the first tiny CLIP's, params ``variants.first_tiny_clip``) = soft per-patch concept fractions from
   the generator's masks: supervision no real CLIP had; its localisation lived in the residual stream.
 
-``pool`` picks the embedding the caption and concept losses train: METHOD §1's mean of projected patch tokens
+``pool`` picks the embedding the caption and concept losses train: docs/method.md §1's mean of projected patch tokens
 (``patch_mean``; the configs' ``pool_type: avg``, so open_clip's own ``encode_image`` equals it), the class
 token (ViT-B/16's own pretraining) or both. Images come from a fixed pool drawn once (indices outside the
 benchmark's splits), bucketed by size (the benchmark's 112–128 px, multiples of 8); a step's batch, flips and

@@ -1,8 +1,8 @@
 """Quality of a CLIP for the method, with hand prompts only (no prompt learning):
 
-- ``zero_shot_map``: multi-label mAP of S_k = cos(image embedding, text_k) over a split (METHOD §1 image
+- ``zero_shot_map``: multi-label mAP of S_k = cos(image embedding, text_k) over a split (docs/method.md §1 image
   embedding: mean of projected patch tokens), prompts ``"a clean origami {}."`` (CLIP-ES's template).
-- ``cam_peak_hit_rate``: hand-prompt Grad-CAM (``fmalib.method.cam.gradcam``, METHOD §4: at ``target_layer`` — the
+- ``cam_peak_hit_rate``: hand-prompt Grad-CAM (``fmalib.method.cam.gradcam``, docs/method.md §4: at ``target_layer`` — the
   last block's ln_1 output by default, the original's — softmax over present fg classes + bg prompts,
   backprop the class probability, channel weights = mean gradient, ReLU) peaks inside the labelled object;
   one count per (image, present class).

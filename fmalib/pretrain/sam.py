@@ -3,7 +3,7 @@
 Every pixel of a synthetic image belongs to one *whole* region (an object instance, or the visible part of
 a background stuff band) and one *part* (a part of a multi-part object; the whole itself otherwise). A
 point prompt on a pixel has two valid answers, its part and its whole, and SAM's outputs are trained to
-give them at fixed levels, the order METHOD §5 reads them in (multimask output index = level):
+give them at fixed levels, the order docs/method.md §5 reads them in (multimask output index = level):
 
     multimask 0 (subpart) = part,  multimask 1 (part) = part,  multimask 2 (whole) = whole,
     single-mask token     = whole.

@@ -1,4 +1,4 @@
-"""The prompt stage (METHOD §2–3, "Training settings"): SGD on the contexts of a frozen CLIP.
+"""The prompt stage (docs/method.md §2–3, "Training settings"): SGD on the contexts of a frozen CLIP.
 
 ``train_prompts(params, "cls")`` fits the classification prompts with the multi-label contrastive loss;
 ``train_prompts(params, "seg", seeds_dir=...)`` fits the segmentation prompts with the CAM activation loss on
@@ -195,7 +195,7 @@ SCORE_BATCH = 32  # images per forward in classification_map
 
 @torch.no_grad()
 def classification_map(model, prompts: PromptSet, dataset, limit: int | None = None, progress: bool = True) -> dict:
-    """Multi-label classification AP over a split (METHOD §1 image embedding), two scorings per class k:
+    """Multi-label classification AP over a split (docs/method.md §1 image embedding), two scorings per class k:
 
     - ``map``: S_k = cos(image, fg prompt k), the zero-shot score;
     - ``map_vs_bg``: S_k − log Σ_{bg j} e^{S_j} (S scaled by the logit scale), the log-odds of class k against

@@ -63,7 +63,7 @@ def _rect(h, w, y0, y1, x0, x1):
 
 
 def reference_overlap_filter(masks: np.ndarray, levels, thresh: float) -> list[int]:
-    """METHOD §5's filter read literally, on dense masks, pixel counts by numpy sums, one pair at a time."""
+    """docs/method.md §5's filter read literally, on dense masks, pixel counts by numpy sums, one pair at a time."""
     n = len(masks)
     kept = [i for i in range(n) if levels[i] == 2]
     for level in (1, 0):

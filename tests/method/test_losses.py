@@ -1,4 +1,4 @@
-"""The two prompt losses (METHOD §3) against direct formulas on small hand-made cases."""
+"""The two prompt losses (docs/method.md §3) against direct formulas on small hand-made cases."""
 import math
 
 import pytest
@@ -11,7 +11,7 @@ from fmalib.method.losses import (bg_negatives_contrastive_loss, cam_activation_
 
 
 def _absent_fg_reference(fg, present):
-    """METHOD §3 by hand: per positive p, -log(e^Sp / (e^Sp + sum over absent n of e^Sn)), mean over pairs."""
+    """docs/method.md §3 by hand: per positive p, -log(e^Sp / (e^Sp + sum over absent n of e^Sn)), mean over pairs."""
     terms = []
     for b in range(len(fg)):
         absent = [n for n in range(len(fg[b])) if not present[b][n]]

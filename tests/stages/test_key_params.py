@@ -23,7 +23,7 @@ from fmalib.stages.prompt_runs import train_cache
 from fmalib.stages.seeds import bg_power_rule, cam_loader, seed_cache
 from fmalib.stages.cam_argmax import cam_argmax_cache
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 MASKS = {"masks.generator", "masks.points_per_side", "masks.pred_iou_thresh", "masks.stability_score_thresh",
          "masks.stability_score_offset", "masks.box_nms_thresh", "masks.crop_n_layers",
@@ -67,7 +67,7 @@ EXPECTED = {
         "seed", "index_offset", "steps", "batch_size", "points_per_image", "object_point_fraction",
         "object_only_steps", "lr", "weight_decay", "warmup_steps", "bce_weight", "dice_weight", "iou_weight")},
 }
-# not varied: the data (its content is the key: tests/test_data_keys.py), the class list (it names the data's
+# not varied: the data (its content is the key: tests/data/test_fingerprint.py), the class list (it names the data's
 # labels) and the device (its only other value needs CUDA)
 NOT_VARIED = ("data.", "classes.names", "device")
 

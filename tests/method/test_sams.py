@@ -1,4 +1,4 @@
-"""SAMS seeding: the vectorised run-length implementation equals a plain per-mask loop of METHOD §5."""
+"""SAMS seeding: the vectorised run-length implementation equals a plain per-mask loop of docs/method.md §5."""
 from __future__ import annotations
 
 import collections
@@ -25,7 +25,7 @@ def reference_upsample_relu(cam, size):
 
 
 def reference_sams(cam, masks, levels, image_labels, bg_power):
-    """METHOD §5 read literally, one mask at a time, with the original's min_max_norm (+1e-7 on the span);
+    """docs/method.md §5 read literally, one mask at a time, with the original's min_max_norm (+1e-7 on the span);
     ``cam`` at any size (kept as the oracle and as bench/sams.py's baseline)."""
     n, h, w = masks.shape
     cam = reference_upsample_relu(cam, (h, w))

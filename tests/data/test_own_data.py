@@ -28,7 +28,7 @@ from fmalib.data.voc import VOCDataset, read_image
 from fmalib.stages.prompt_runs import train_cache
 from fmalib.study import cli, setup
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CODE = "fmalib.stages.masks"
 
 
