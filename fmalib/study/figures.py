@@ -1,10 +1,13 @@
-"""Figure panels the notebooks show: lists of images (+ titles) for ``fmalib.study.viz.image_grid``."""
+"""Figures the notebooks show: panels (lists of images + titles) for ``fmalib.study.viz.image_grid``, and the
+prompt-training curves."""
 from __future__ import annotations
 
 import time
 from typing import Callable, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
@@ -156,3 +159,20 @@ def cam_rows(dataset, sources: dict[str, tuple], n: int = 4) -> tuple[list, list
         images += p
         titles += t
     return images, titles
+
+
+def training_curves(run, loss_name: str, title: str):
+    """A prompt-training run's loss (each iteration and a running mean), its learning rate, and the mean cosine
+    between its class prompts (are they growing alike?), side by side."""
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3))
+    loss = pd.Series(run.losses)
+    ax[0].plot(loss, alpha=0.3, label="per iteration")
+    ax[0].plot(loss.rolling(max(1, len(loss) // 20), min_periods=1).mean(), label="running mean")
+    ax[0].set(xlabel="iteration", ylabel=loss_name, title=title)
+    ax[0].legend()
+    ax[1].plot(run.lrs)
+    ax[1].set(xlabel="iteration", ylabel="learning rate", title="warm-up + cosine")
+    ax[2].plot(run.fg_similarity)
+    ax[2].set(xlabel="iteration", ylabel="mean cosine between class prompts", title="are the class prompts alike?")
+    fig.tight_layout()
+    return fig

@@ -1,6 +1,7 @@
-"""Tables the notebooks show about cached stages (DataFrames)."""
+"""Tables the notebooks show (DataFrames): cached stages, and the committed benchmark of the tiny CLIP."""
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import numpy as np
@@ -8,6 +9,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..core.cache import StageCache
+from ..core.params import repo_root
 from ..method.generator import MultiLevelMaskGenerator
 from ..method.masks import LEVELS
 from ..method.metrics import region_recall
@@ -46,3 +48,18 @@ def filter_effect(params, images: Sequence[np.ndarray], model=None):
             counts = np.bincount(levels, minlength=3)[:3]
             rows.append({"image": i, "filter": stage, **{n: int(c) for n, c in zip(LEVELS, counts)}})
     return pd.DataFrame(rows)
+
+
+def clip_bench_table() -> pd.DataFrame:
+    """The pretrained CLIPs' measurements before any prompt learning (``bench/foundation.py`` →
+    reports/bench/foundation.json): zero-shot mAP, hand-prompt CAM peak inside the object, and hand-prompt
+    CAM-argmax seeds without / with CAA, at both Grad-CAM targets; one row per CLIP."""
+    bench = json.loads((repo_root() / "reports/bench/foundation.json").read_text())
+    cols = {"vision_layers": "blocks", "zero_shot_map": "zero-shot mAP",
+            "cam_hit_rate_ln1_out": "CAM peak in object (ln1_out)",
+            "hand_seed_miou_ln1_out": "seeds mIoU (ln1_out)", "hand_seed_miou_ln1_out_caa": "seeds mIoU (ln1_out, CAA)",
+            "cam_hit_rate_block_input": "CAM peak in object (block_input)",
+            "hand_seed_miou_block_input": "seeds mIoU (block_input)",
+            "hand_seed_miou_block_input_caa": "seeds mIoU (block_input, CAA)"}
+    rows = {name: {label: clip[key] for key, label in cols.items()} for name, clip in bench["clip"].items()}
+    return pd.DataFrame(rows).T.rename(index={"params": "the study's CLIP"})
