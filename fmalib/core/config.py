@@ -223,6 +223,13 @@ class PerKindThreshold:
 
 
 @dataclass
+class PerKindSinkhorn:
+    hand: int = key(3, "hand prompts: CLIP-ES's own refinement (its baseline)", NON_NEGATIVE)
+    cls: int = key(1, "cls prompts (FMA-WSSS)", NON_NEGATIVE)
+    seg: int = key(1, "seg prompts (FMA-WSSS)", NON_NEGATIVE)
+
+
+@dataclass
 class Cam:
     target: str = key("prob", "Grad-CAM backpropagates the softmax probability or the scaled score",
                       one_of("prob", "score"))
@@ -230,7 +237,8 @@ class Cam:
                                        "the tokens entering it", one_of("ln1_out", "block_input"))
     caa_source: PerKindStr = section(PerKindStr, "the CAM that CAA propagates: normalized | raw, per prompt kind")
     caa_last_k: int = key(8, "CAA: mean attention of the last k blocks (all if fewer)", at_least(1))
-    sinkhorn_iters: int = key(1, "Sinkhorn iterations of CAA's affinity (FMA-WSSS 1, CLIP-ES 3)", NON_NEGATIVE)
+    sinkhorn_iters: PerKindSinkhorn = section(PerKindSinkhorn, "Sinkhorn iterations of CAA's affinity, per prompt "
+                                                                "kind")
     caa_threshold: PerKindThreshold = section(PerKindThreshold, "CAA box threshold on the normalised CAM")
     use_caa: bool = key(True, "downstream stages read the CAA-refined CAMs")
     bg_thresholds: List[float] = key([round(0.05 * i, 2) for i in range(1, 20)],

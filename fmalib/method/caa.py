@@ -31,16 +31,26 @@ def caa_affinity(attn: Sequence[torch.Tensor], n_iters: int) -> torch.Tensor:
     return a @ a
 
 
-def box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
-    """Union of the bounding boxes of the 8-connected regions where cam > threshold · max(cam)."""
-    fg = cam > threshold * cam.max()
-    out = np.zeros(cam.shape, bool)
-    if cam.max() <= 0:
-        return out
+def scoremap_boxes(cam: np.ndarray, threshold: float) -> list[tuple[int, int, int, int]]:
+    """The boxes (x0, y0, x1, y1; x1, y1 exclusive) CAA propagates from, as the original's ``scoremap2bbox``
+    (FMA-WSSS ``src/libs/seeding/aff/utils.py``, CLIP-ES ``utils.py``) derives them from a normalised CAM:
+    quantised to uint8 by truncation, binarised strictly above ``int(threshold · its max)``, one box per
+    8-connected region (OpenCV's outer contours; the hole contours RETR_TREE adds lie inside them), each
+    ``boundingRect`` end clipped to ``W − 1`` / ``H − 1`` — so a region touching the right or bottom edge loses
+    that last column or row, and a 1-px-wide one there gives an empty box. No region: no box."""
+    q = (np.asarray(cam, np.float32) * 255).astype(np.uint8)
+    fg = q > int(threshold * q.max())
+    h, w = q.shape
     lab, _ = ndimage.label(fg, structure=np.ones((3, 3), bool))
-    for sl in ndimage.find_objects(lab):
-        if sl is not None:
-            out[sl] = True
+    return [(sl[1].start, sl[0].start, min(sl[1].stop, w - 1), min(sl[0].stop, h - 1))
+            for sl in ndimage.find_objects(lab) if sl is not None]
+
+
+def box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
+    """Union of ``scoremap_boxes`` as a boolean (h, w) mask."""
+    out = np.zeros(np.shape(cam), bool)
+    for x0, y0, x1, y1 in scoremap_boxes(cam, threshold):
+        out[y0:y1, x0:x1] = True
     return out
 
 

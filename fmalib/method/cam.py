@@ -53,14 +53,22 @@ def gradcam(model, block_input: torch.Tensor, grid: tuple[int, int], text: torch
         emb = F.normalize(emb.float(), dim=-1)
         logits = C.logit_scale(model).float() * emb @ text.float().T
         if target == "prob":
-            if allowed is not None:
-                logits = logits.masked_fill(~allowed.bool()[pair_image], float("-inf"))
-            logits = logits.softmax(dim=-1)
+            logits = masked_softmax(logits, None if allowed is None else allowed.bool()[pair_image])
         score = logits.gather(1, pair_class[:, None]).sum()  # pairs are independent rows: one backward
         (grad,) = torch.autograd.grad(score, act, create_graph=create_graph)
     weights = grad[:, 1:].float().mean(dim=1)  # (P, W)
     cam = torch.einsum("pnc,pc->pn", act.detach()[:, 1:].float(), weights)
     return cam.reshape(-1, h, w)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+    """The original's softmax over the allowed entries (AlchemyCat ``MaskedSoftmax``): e^(x − max over **all**
+    entries) · mask / (Σ + eps); a plain softmax without a mask. Unlike a −inf fill it shifts by the largest
+    logit, allowed or not: a far larger excluded logit drives every allowed probability towards 0."""
+    if mask is None:
+        return logits.softmax(dim=-1)
+    e = torch.exp(logits - logits.max(dim=-1, keepdim=True)[0]) * mask
+    return e / (e.sum(dim=-1, keepdim=True) + eps)
 
 
 def normalize_cams(cams: torch.Tensor | np.ndarray):

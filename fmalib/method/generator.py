@@ -11,13 +11,14 @@ keeps the point grids, the crop boxes, the ``SamPredictor`` (``self.predictor``)
 * ``_process_crop``: whole masks get ``whole_nms_bonus`` (+1.0) on the score of the within-crop box NMS, so
   they win ties against their parts there; masks are uncropped and run-length encoded (``MaskRuns``) only
   after this NMS (stock encodes every candidate as RLE);
-* ``_generate_masks``: the stock one, then its cross-crop NMS survivors are put back into generation order;
+* ``_generate_masks``: the stock one, with its cross-crop NMS;
 * ``postprocess_small_regions``: the stock clean-up and NMS (score 1 unchanged, 0 changed: stock scores, no
   bonus), on runs, with a scipy ``remove_small_regions`` (stock needs OpenCV);
 * ``generate``: a ``MaskSet`` (``fmalib.method.masks``) after the overlap filter (``fmalib.method.overlap``);
   ``generate_unfiltered`` is the same before the filter.
 
-After every NMS the kept masks are sorted back into generation order (ties downstream depend on it).
+After every NMS the survivors keep the NMS's score order, as in the stock generator and the original: SAMS
+paints ties in this order.
 """
 from __future__ import annotations
 
@@ -72,10 +73,9 @@ def nms_score(iou: torch.Tensor, levels: torch.Tensor, whole_bonus: float) -> to
 
 
 def box_nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
-    """Indices kept by class-agnostic box NMS, in generation (index) order — not torchvision's score order."""
+    """Indices kept by class-agnostic box NMS, in its score order (torchvision's, as stock SAM keeps them)."""
     boxes, scores = torch.as_tensor(boxes), torch.as_tensor(scores)  # SAM 2's MaskData may hold arrays
-    keep = batched_nms(boxes.float(), scores.float(), torch.zeros(len(boxes), device=boxes.device), thresh)
-    return torch.sort(keep).values
+    return batched_nms(boxes.float(), scores.float(), torch.zeros(len(boxes), device=boxes.device), thresh)
 
 
 def per_mask(runs: MaskRuns) -> list[MaskRuns]:
@@ -112,7 +112,6 @@ class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
         self.min_mask_region_area = min_mask_region_area  # set here: stock __init__ imports cv2 if > 0
         self.whole_iou_bonus, self.whole_nms_bonus = whole_iou_bonus, whole_nms_bonus
         self.overlap_thresh = overlap_thresh
-        self._n_generated = 0  # masks numbered across the crops of an image, in generation order
 
     @torch.no_grad()
     def generate(self, image: np.ndarray) -> MaskSet:
@@ -136,17 +135,10 @@ class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
         return MaskSet.from_runs(_joined(data["runs"], *image.shape[:2]), data["levels"], data["iou_preds"],
                                  data["stability_score"])
 
-    def _generate_masks(self, image: np.ndarray) -> MaskData:
-        self._n_generated = 0
-        data = super()._generate_masks(image)
-        # the stock cross-crop NMS leaves its survivors in score order: back to generation order
-        data.filter(torch.as_tensor(np.argsort(data["order"])))
-        return data
-
     def _process_crop(self, image: np.ndarray, crop_box: list[int], crop_layer_idx: int,
                       orig_size: tuple[int, ...]) -> MaskData:
-        """Stock, but the box NMS score has the whole bonus, its survivors stay in generation order, and only
-        they are uncropped and run-length encoded (field ``runs``)."""
+        """Stock, but the box NMS score has the whole bonus, and only its survivors are uncropped and run-length
+        encoded (field ``runs``)."""
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_size = crop.shape[:2]
@@ -163,8 +155,6 @@ class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
         data["crop_boxes"] = torch.tensor([crop_box], device=data["boxes"].device).repeat(n, 1)
         data["runs"] = per_mask(bool_to_runs(uncrop_masks(data["masks"], crop_box, *orig_size)))
         del data["masks"]
-        data["order"] = torch.arange(self._n_generated, self._n_generated + n)
-        self._n_generated += n
         return data
 
     def _process_batch(self, points: np.ndarray, im_size: tuple[int, ...], crop_box: list[int],
@@ -204,7 +194,7 @@ class MultiLevelMaskGenerator(SamAutomaticMaskGenerator):
         """Stock: clean each mask (holes, then islands, < ``min_area`` px), then box NMS again with SAM's stock
         scores, 1 for a mask the cleaning left unchanged, 0 for a changed one — no whole bonus here
         (docs/method.md §5). Ours works on the ``runs`` field, cleans with scipy (stock: OpenCV), keeps the survivors
-        in generation order and drops any mask left empty. Edits ``mask_data`` in place."""
+        in the NMS's score order and drops any mask left empty. Edits ``mask_data`` in place."""
         if len(mask_data["runs"]) == 0:
             return mask_data
         dense = concat_runs(mask_data["runs"]).to_bool()

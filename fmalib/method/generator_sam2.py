@@ -11,9 +11,8 @@ it keeps the point grids, the crop boxes, the ``SAM2ImagePredictor`` (``self.pre
 * ``_process_batch``: every point prompt's three multimask outputs are kept apart with their index as the
   level (stock keeps them but forgets the index); whole masks get ``whole_iou_bonus`` on the predicted-IoU
   test; stability as stock; empty masks dropped; no RLE yet;
-* ``_process_crop``: ``whole_nms_bonus`` on the score of the within-crop box NMS, survivors in generation
+* ``_process_crop``: ``whole_nms_bonus`` on the score of the within-crop box NMS, survivors in its score
   order, un-cropped and run-length encoded (``MaskRuns``) only after that NMS;
-* ``_generate_masks``: the stock one, then its survivors are put back into generation order;
 * ``postprocess_small_regions``: holes / islands below ``min_mask_region_area`` removed with scipy
   (``fmalib.method.generator.remove_small_regions``; stock needs OpenCV), then box NMS with SAM's stock
   scores (1 unchanged, 0 changed). The predictor's own hole filling (``max_hole_area``) needs the sam2 CUDA
@@ -75,7 +74,6 @@ def sam2_generator_class() -> type:
             size = int(model.image_size)  # stock: [(256, 256), (128, 128), (64, 64)], 1024 px only
             self.predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8),
                                              (size // 16, size // 16)]
-            self._n_generated = 0  # masks numbered across the crops of an image, in generation order
 
         @torch.no_grad()
         def generate(self, image: np.ndarray) -> MaskSet:
@@ -98,16 +96,10 @@ def sam2_generator_class() -> type:
             return MaskSet.from_runs(joined, np.asarray(data["levels"]), np.asarray(data["iou_preds"]),
                                      np.asarray(data["stability_score"]))
 
-        def _generate_masks(self, image: np.ndarray):
-            self._n_generated = 0
-            data = super()._generate_masks(image)  # ends with to_numpy(): numeric fields are numpy now
-            data.filter(torch.as_tensor(np.argsort(data["order"], kind="stable")))
-            return data
-
         def _process_crop(self, image: np.ndarray, crop_box: list[int], crop_layer_idx: int,
                           orig_size: tuple[int, ...]):
-            """Stock, but the box NMS score has the whole bonus, its survivors stay in generation order, and
-            only they are un-cropped and run-length encoded (field ``runs``)."""
+            """Stock, but the box NMS score has the whole bonus, and only its survivors are un-cropped and
+            run-length encoded (field ``runs``)."""
             x0, y0, x1, y1 = crop_box
             crop = image[y0:y1, x0:x1, :]
             crop_size = crop.shape[:2]
@@ -124,8 +116,6 @@ def sam2_generator_class() -> type:
             data["crop_boxes"] = torch.tensor([crop_box], device=data["boxes"].device).repeat(n, 1)
             data["runs"] = per_mask(bool_to_runs(uncrop_masks(data["masks"], crop_box, *orig_size)))
             del data["masks"]
-            data["order"] = torch.arange(self._n_generated, self._n_generated + n)
-            self._n_generated += n
             return data
 
         def _process_batch(self, points: np.ndarray, im_size: tuple[int, ...], crop_box: list[int],

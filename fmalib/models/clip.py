@@ -13,6 +13,7 @@ weights are QuickGELU: ``ViT-B-16-quickgelu``).
 from __future__ import annotations
 
 import contextlib
+import math
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ from open_clip.factory import load_state_dict as _oc_load_state_dict
 from open_clip.model import resize_pos_embed as oc_resize_pos_embed
 from open_clip.model import resize_text_pos_embed
 from open_clip.transformer import ResidualAttentionBlock
+from PIL import Image
 
 from ..core.errors import FmalibError
 
@@ -331,9 +333,10 @@ def patch_size(model) -> int:
     return int(p[0] if isinstance(p, (tuple, list)) else p)
 
 def input_size(model, height: int, width: int, max_side: int | None = None) -> tuple[int, int]:
-    """(H', W') of ``to_input``: sides rounded to a multiple of the patch size, at least one patch; with
-    ``max_side``, an image whose long side exceeds it is first scaled down (aspect kept) so that the long side
-    of the result is at most ``max_side`` rounded down to the patch (at least one patch)."""
+    """(H', W') of ``to_input``: each side rounded **up** to a multiple of the patch size, as the original
+    (AlchemyCat ``divisible_by_n(direction='larger')`` in FMA-WSSS ``configs/infer_voc/base.py``: a 500×375
+    image → 512×384 at patch 16); with ``max_side``, an image whose long side exceeds it is first scaled down
+    (aspect kept), and no side exceeds ``max_side`` rounded down to the patch (at least one patch)."""
     p = patch_size(model)
     h, w = float(height), float(width)
     n_max = None
@@ -342,27 +345,27 @@ def input_size(model, height: int, width: int, max_side: int | None = None) -> t
         if max(h, w) > max_side:
             s = max_side / max(h, w)
             h, w = h * s, w * s
-    hh, ww = (max(1, int(round(v / p))) for v in (h, w))
+    hh, ww = (max(1, math.ceil(round(v, 6) / p)) for v in (h, w))
     if n_max is not None:
         hh, ww = min(hh, n_max), min(ww, n_max)
     return hh * p, ww * p
 
 
 def to_input(model, image: np.ndarray, max_side: int | None = None) -> torch.Tensor:
-    """uint8 (H, W, 3) -> normalised (1, 3, H', W') with sides rounded to a multiple of the patch size (bilinear).
+    """uint8 (H, W, 3) -> normalised (1, 3, H', W'), resized to ``input_size`` with PIL's bicubic filter on the
+    uint8 image, as the original (AlchemyCat ``scale_img_label`` with ``PIL_mode`` bicubic; PIL widens the
+    filter when it shrinks, so a capped large photo is antialiased).
 
     ``max_side``: cap on the long side (``input_size``; params ``cam.max_side``) — attention memory grows with
     the fourth power of the side; None = no cap."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise FmalibError(f"expected a uint8 (H, W, 3) image; got {image.dtype} {image.shape}")
     mean, std = image_normalization(model)
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
     h, w = image.shape[:2]
     hh, ww = input_size(model, h, w, max_side)
     if (hh, ww) != (h, w):
-        # capped: a large downscale, antialiased (the uncapped rounding to the patch stays as it was)
-        capped = max_side is not None and max(h, w) > max_side
-        x = F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False, antialias=capped)
+        image = np.array(Image.fromarray(image).resize((ww, hh), Image.Resampling.BICUBIC))
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     return x.to(next(model.parameters()).device)
 

@@ -249,3 +249,68 @@ def test_argmax_seed_miou_is_kept_beside_the_cams_and_reused(tmp_path):
     other = load_params(params.to_dict(), {"cam.bg_thresholds": [0.3, 0.6]})
     argmax_seed_miou(other, "hand")
     assert len(list(train.dir.glob("argmax_eval-*.json"))) == 2  # other thresholds: another result
+
+
+def test_masked_softmax_is_the_originals_with_a_large_excluded_logit():
+    from fmalib.method.cam import masked_softmax
+
+    x = np.array([[1.0, 2.0, 30.0, 0.5], [0.3, -1.0, 0.2, 0.1]])
+    m = np.array([[True, True, False, True], [True, False, True, True]])
+    e = np.exp(x - x.max(axis=1, keepdims=True)) * m  # AlchemyCat's MaskedSoftmax, written out
+    ref = e / (e.sum(axis=1, keepdims=True) + 1e-5)
+    got = masked_softmax(torch.tensor(x), torch.tensor(m)).numpy()
+    assert np.allclose(got, ref, rtol=1e-6, atol=1e-12)
+    assert got[0].sum() < 1e-6  # the excluded 30 shifts every allowed entry towards 0 (a -inf fill sums to 1)
+    assert np.allclose(got[1].sum(), 1.0, atol=1e-4)
+    assert torch.allclose(masked_softmax(torch.tensor(x), None), torch.tensor(x).softmax(-1))
+
+
+def _scoremap2bbox_reference(cam, threshold):
+    """The original's scoremap2bbox, written out: uint8 truncation, strict threshold at int(t · max), one box
+    per 8-connected region (a plain flood fill), boundingRect's end clipped to W - 1 / H - 1."""
+    q = (cam * 255).astype(np.uint8)
+    fg = q > int(threshold * q.max())
+    h, w = fg.shape
+    seen, boxes = np.zeros_like(fg), []
+    for y in range(h):
+        for x in range(w):
+            if fg[y, x] and not seen[y, x]:
+                stack, ys, xs = [(y, x)], [], []
+                seen[y, x] = True
+                while stack:
+                    cy, cx = stack.pop()
+                    ys.append(cy)
+                    xs.append(cx)
+                    for dy in (-1, 0, 1):
+                        for dx in (-1, 0, 1):
+                            ny, nx = cy + dy, cx + dx
+                            if 0 <= ny < h and 0 <= nx < w and fg[ny, nx] and not seen[ny, nx]:
+                                seen[ny, nx] = True
+                                stack.append((ny, nx))
+                bx, by, bw, bh = min(xs), min(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1
+                boxes.append((bx, by, min(bx + bw, w - 1), min(by + bh, h - 1)))
+    return sorted(boxes)
+
+
+def test_caa_boxes_are_scoremap2bbox():
+    from fmalib.method.caa import box_mask, scoremap_boxes
+
+    cam = np.zeros((12, 13), np.float32)
+    cam[0:3, 10:13] = 1.0  # touches the top and right edges: loses its last column
+    cam[9:12, 0:2] = 0.9  # touches the bottom and left edges: loses its last row
+    cam[5, 12] = 0.95  # a 1-px region on the right edge: an empty box
+    cam[3:8, 1:8] = 0.8  # a ring with a blob in its hole: nested boxes
+    cam[4:7, 2:7] = 0.0
+    cam[5, 4] = 0.7
+    cam[2, 5] = 0.402  # 0.402 * 255 -> 102, not above int(0.4 * 255) = 102: the threshold is strict
+    for t in (0.4, 0.5, 0.85):
+        assert sorted(scoremap_boxes(cam, t)) == _scoremap2bbox_reference(cam, t), t
+    boxes = sorted(scoremap_boxes(cam, 0.4))
+    assert boxes == [(0, 9, 2, 11), (1, 3, 8, 8), (4, 5, 5, 6), (10, 0, 12, 3), (12, 5, 12, 6)]
+    mask = box_mask(cam, 0.4)
+    assert mask[0:3, 10:12].all() and not mask[:, 12].any() and not mask[11, :].any() and not mask[2, 5]
+    assert not box_mask(np.zeros((4, 4), np.float32), 0.4).any()  # no region: no box
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        rand = rng.random((7, 9)).astype(np.float32) ** 3
+        assert sorted(scoremap_boxes(rand, 0.4)) == _scoremap2bbox_reference(rand, 0.4)

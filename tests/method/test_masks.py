@@ -314,3 +314,13 @@ def test_generator_is_the_stock_generator_without_the_bonuses(one_thread):
 
     assert sorted(key(*t) for t in zip(ours.to_bool(), ours.scores, ours.stability)) == sorted(
         key(r["segmentation"], r["predicted_iou"], r["stability_score"]) for r in theirs)
+
+
+def test_nms_survivors_keep_score_order():
+    """Stock SAM and the original keep torchvision's NMS output as it is: highest score first (SAMS paints
+    ties in this order)."""
+    from fmalib.method.generator import box_nms
+
+    boxes = torch.tensor([[0, 0, 4, 4], [10, 10, 14, 14], [20, 20, 24, 24], [0, 0, 4, 5]], dtype=torch.float32)
+    scores = torch.tensor([0.2, 0.9, 0.5, 0.3])
+    assert box_nms(boxes, scores, 0.7).tolist() == [1, 2, 3]  # box 0 overlaps the higher-scored box 3

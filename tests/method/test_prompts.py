@@ -291,5 +291,5 @@ def test_vit_b16_random_init_prompt_step_and_cam():
     img = np.random.default_rng(0).integers(0, 255, (70, 100, 3), dtype=np.uint8)
     cfg = {"target": "prob", "target_layer": "ln1_out", "caa_last_k": 8, "sinkhorn_iters": 1}
     out = image_cams(model, text, len(NAMES), img, [1, 3], **cfg, threshold=0.4, caa_source="raw")
-    assert out["cam"].shape == (2, 4, 6) and out["cam_caa"].shape == (2, 4, 6)
+    assert out["cam"].shape == (2, 5, 7) and out["cam_caa"].shape == (2, 5, 7)  # sides up to the patch
     assert np.isfinite(out["cam_caa"]).all()

@@ -124,3 +124,26 @@ def test_gradients_flow_to_block_input(tiny):
     assert grad.shape == out.block_input.shape and grad[:, 1:].abs().sum() > 0
     with torch.no_grad():
         assert not C.encode_image_tokens(tiny, torch.randn(1, 3, 112, 112)).block_input.requires_grad
+
+
+def test_cam_input_sides_round_up_with_pil_bicubic(tiny):
+    """The original's inference input: each side up to a multiple of the patch (ceil(side / p) * p), the uint8
+    image resized by PIL's bicubic filter, then CLIP's normalisation."""
+    import math
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    vit16 = SimpleNamespace(visual=SimpleNamespace(patch_size=(16, 16)))
+    for (h, w), want in {(375, 500): (384, 512), (500, 333): (512, 336), (17, 300): (32, 304),
+                         (384, 512): (384, 512), (1, 1): (16, 16)}.items():
+        assert C.input_size(vit16, h, w) == want == tuple(max(1, math.ceil(s / 16)) * 16 for s in (h, w))
+    assert C.input_size(vit16, 3000, 2000, 512) == (512, 352)  # capped: 512 x 341.3 -> sides up, long side kept
+    model = tiny
+    image = np.random.default_rng(0).integers(0, 256, (17, 30, 3), dtype=np.uint8)
+    x = C.to_input(model, image)
+    ref = np.asarray(Image.fromarray(image).resize((32, 24), Image.BICUBIC), np.float32) / 255.0
+    mean, std = (np.asarray(v, np.float32) for v in C.image_normalization(model))
+    assert x.shape == (1, 3, 24, 32)
+    assert np.allclose(x[0].permute(1, 2, 0).numpy(), (ref - mean) / std, atol=1e-6)

@@ -30,14 +30,14 @@ MASKS = {"masks.generator", "masks.points_per_side", "masks.pred_iou_thresh", "m
          "masks.crop_n_points_downscale_factor", "masks.crop_overlap_ratio", "masks.crop_nms_thresh",
          "masks.min_mask_region_area", "masks.whole_iou_bonus", "masks.whole_nms_bonus", "masks.overlap_thresh",
          "sam.model_type"}  # not points_per_batch (how many prompts share a forward pass)
-CAM = {"cam.target", "cam.target_layer", "cam.caa_last_k", "cam.sinkhorn_iters", "cam.max_side", "clip.model",
+CAM = {"cam.target", "cam.target_layer", "cam.caa_last_k", "cam.max_side", "clip.model",
        "classes.synonyms", "classes.bg_words"}  # not use_caa / bg_thresholds: both maps are stored
 
 
 def _cam(kind: str) -> set[str]:
     prompt = {"hand": {"prompts.hand_template"}, "cls": {"prompts.n_ctx"},
               "seg": {"prompts.n_ctx", "prompts.seg.layout"}}[kind]
-    return CAM | prompt | {f"cam.caa_source.{kind}", f"cam.caa_threshold.{kind}"}
+    return CAM | prompt | {f"cam.caa_source.{kind}", f"cam.caa_threshold.{kind}", f"cam.sinkhorn_iters.{kind}"}
 
 
 POWER_AUTO = {"sams.power_grid", "sams.confident_hi", "sams.confident_lo", "sams.power_images"}
