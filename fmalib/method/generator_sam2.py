@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..core.errors import FmalibError
-from .generator import box_nms, nms_score, passes_pred_iou, per_mask, remove_small_regions
+from .generator import MASK_KEYS, box_nms, nms_score, passes_pred_iou, per_mask, remove_small_regions
 from .masks import MaskSet, bool_to_runs, concat_runs
 from .overlap import overlap_filter
 from .rle import MaskRuns
@@ -55,22 +55,18 @@ def sam2_generator_class() -> type:
         """SAM 2 automatic masks with levels (see fmalib.method.generator_sam2); the keyword arguments of
         ``MultiLevelMaskGenerator``."""
 
-        def __init__(self, model, *, points_per_side: int, points_per_batch: int, pred_iou_thresh: float,
-                     stability_score_thresh: float, stability_score_offset: float, box_nms_thresh: float,
-                     crop_n_layers: int, crop_nms_thresh: float, crop_overlap_ratio: float,
-                     crop_n_points_downscale_factor: int, min_mask_region_area: int, whole_iou_bonus: float,
-                     whole_nms_bonus: float, overlap_thresh: float):
-            super().__init__(model, points_per_side=points_per_side, points_per_batch=points_per_batch,
-                             pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
-                             stability_score_offset=stability_score_offset, box_nms_thresh=box_nms_thresh,
-                             crop_n_layers=crop_n_layers, crop_nms_thresh=crop_nms_thresh,
-                             crop_overlap_ratio=crop_overlap_ratio,
-                             crop_n_points_downscale_factor=crop_n_points_downscale_factor,
-                             min_mask_region_area=0, output_mode="binary_mask", use_m2m=False,
-                             multimask_output=True)
-            self.min_mask_region_area = min_mask_region_area  # scipy clean-up here, not the CUDA one
-            self.whole_iou_bonus, self.whole_nms_bonus = whole_iou_bonus, whole_nms_bonus
-            self.overlap_thresh = overlap_thresh
+        def __init__(self, model, **arguments):
+            if set(arguments) != set(MASK_KEYS):
+                raise TypeError(f"MultiLevelSam2MaskGenerator takes exactly the keyword arguments {MASK_KEYS}; "
+                                f"missing {sorted(set(MASK_KEYS) - set(arguments))}, "
+                                f"unknown {sorted(set(arguments) - set(MASK_KEYS))}")
+            own = {k: arguments.pop(k) for k in ("min_mask_region_area", "whole_iou_bonus", "whole_nms_bonus",
+                                                 "overlap_thresh")}
+            super().__init__(model, **arguments, min_mask_region_area=0, output_mode="binary_mask",
+                             use_m2m=False, multimask_output=True)
+            self.min_mask_region_area = own["min_mask_region_area"]  # scipy clean-up here, not the CUDA one
+            self.whole_iou_bonus, self.whole_nms_bonus = own["whole_iou_bonus"], own["whole_nms_bonus"]
+            self.overlap_thresh = own["overlap_thresh"]
             size = int(model.image_size)  # stock: [(256, 256), (128, 128), (64, 64)], 1024 px only
             self.predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8),
                                              (size // 16, size // 16)]

@@ -25,10 +25,7 @@ log = logging.getLogger(__name__)
 
 def cam_cache(params, split: str, kind: str, ctx_path: str | Path | None = None) -> StageCache:
     """The CAM cache of ``split`` for prompts ``kind`` (hand | cls | seg) with contexts ``ctx_path``."""
-    cam = params["cam"]  # only what changes the maps (not use_caa / bg_thresholds, which act downstream)
-    settings = {"target": cam["target"], "caa_last_k": cam["caa_last_k"], "sinkhorn_iters": cam["sinkhorn_iters"][kind],
-           "caa_threshold": cam["caa_threshold"][kind], "target_layer": cam["target_layer"],
-           "caa_source": cam["caa_source"][kind], "max_side": cam["max_side"]}
+    settings = cam_arguments(params, kind)  # what changes the maps (not use_caa / bg_thresholds: downstream)
     # how the prompts are built: the hand template, or the learned layout (the contexts' file alone does not
     # say how they are placed around the class names)
     pr = params["prompts"]
