@@ -42,7 +42,7 @@ from fmalib.models.checkpoints import load_sam_from_params
 from fmalib.models.sam import load_sam
 from fmalib.models.sam2 import load_sam2
 from fmalib.stages.cam_files import refine_cam_files
-from fmalib.stages.cams import load_cams, run_cam_stage
+from fmalib.stages.cams import caa_for, load_cams, run_cam_stage
 from fmalib.stages.mask_generators import build_mask_generator
 from fmalib.stages.masks import run_mask_stage
 from fmalib.stages.seeds import make_seeds
@@ -64,9 +64,9 @@ def write_clip_es_cams(cache, dataset, out_dir: Path, caa: bool, highres: bool =
         if highres:  # CLIP-ES: resized to (ori_height, ori_width), normalised to [0, 1]
             cams = scale_cam_image(upsample_cams(np.maximum(cams, 0), dataset.load_image(j).shape[:2]))
         keys = torch.tensor([int(c) - 1 for c in labels], dtype=torch.int64)  # 0-based class indices
-        refined = torch.tensor(np.asarray(cams, np.float32))
-        np.save(out_dir / f"{image_id}.npy", {"keys": keys.numpy(),
-                                              "attn_highres": refined.cpu().numpy().astype(np.float16)})
+        # CLIP-ES stores float16; the grid form keeps the cache's raw float32 maps, so its seeds must equal
+        dtype = np.float16 if highres else np.float32
+        np.save(out_dir / f"{image_id}.npy", {"keys": keys.numpy(), "attn_highres": np.asarray(cams, dtype)})
     return out_dir
 
 
@@ -107,8 +107,9 @@ def main(argv=None) -> None:
     if args.export:
         params = fmalib.study.setup(args.params, fast=args.fast)
         split = params["data"]["train_split"]
-        out_dir = write_clip_es_cams(run_cam_stage(params, split, "hand"), open_dataset(params, split),
-                                     Path(args.export), bool(params["cam"]["use_caa"]), highres=True)
+        cams = run_cam_stage(params, split, "hand")
+        out_dir = write_clip_es_cams(cams, open_dataset(params, split), Path(args.export), caa_for(params, cams),
+                                     highres=True)
         print(f"CLIP-ES CAM files of {split}: {out_dir}")
         return
     torch.set_num_threads(1)  # one thread: faster than two on a shared 2-core machine (bench/masks.py)
@@ -120,7 +121,6 @@ def main(argv=None) -> None:
     params = load_params("params/toy.yaml", overrides)
     split = params["data"]["train_split"]
     dataset = open_dataset(params, split)
-    caa = bool(params["cam"]["use_caa"])
     out = {"params": "params/toy.yaml", "overrides": {k: v for k, v in overrides.items() if "synthetic" in k},
            "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1}}
 
@@ -129,6 +129,7 @@ def main(argv=None) -> None:
     masks = run_mask_stage(params, split)
     mask_s = time.perf_counter() - t0
     cams = run_cam_stage(params, split, "hand")
+    caa = caa_for(params, cams)
     direct = make_seeds(params, split, cams, "fine", bg_power="auto")
     direct_miou = mean_iou(evaluate_seeds(dataset, direct.dir))
     out["fmalib_cams"] = {"source": "run_cam_stage(params, split, 'hand'), the StageCache", "caa": caa,

@@ -173,6 +173,11 @@ class PromptsCls:
     init_std: float = key(0.015, "context vectors drawn from N(0, init_std)", POSITIVE)
     loss: str = key("absent_fg", "contrastive negatives: the image's absent classes (the original's) or "
                                  "the background prompts (ablation)", one_of("absent_fg", "bg_negatives"))
+    sub_batches: int = key(1, "gradient accumulation: each batch in this many sub-batches, each loss averaged over "
+                              "its own sub-batch, then / sub_batches (the original's sub_iter_num; COCO 4)",
+                           at_least(1))
+    cam_iter: Optional[int] = key(None, "the iteration whose contexts give the CAMs; null = the last (the "
+                                        "original's COCO: 6,150 of 20,500)", at_least(1))
 
 
 @dataclass
@@ -187,6 +192,21 @@ class PromptsSeg:
                                         "one context, name last (COCO)", one_of("specific_front", "shared_end"))
     pairs: str = key("crop", "(image, class) pairs: classes in the cropped seed map (VOC) or the image "
                              "labels (COCO)", one_of("crop", "image"))
+    sub_batches: int = key(1, "gradient accumulation: each batch in this many sub-batches, each loss averaged over "
+                              "its own sub-batch, then / sub_batches (the original's sub_iter_num; COCO 8)",
+                           at_least(1))
+    cam_iter: Optional[int] = key(None, "the iteration whose contexts give the CAMs; null = the last (the "
+                                        "original's COCO: 45,000 of 75,000)", at_least(1))
+
+
+@dataclass
+class ColorJitter:
+    brightness: float = key(25.0, "add U(-b, b) to every channel (0-255 scale)", NON_NEGATIVE)
+    contrast: List[float] = key([0.6, 1.4], "multiply every channel by U(lo, hi), no mean centring", POSITIVE,
+                                length=2, pair=True)
+    saturation: List[float] = key([0.5, 1.5], "multiply HSV saturation by U(lo, hi)", POSITIVE, length=2, pair=True)
+    hue: float = key(25.0, "add U(-h, h) to the hue on a 0-255 scale, clipped, not wrapped", NON_NEGATIVE)
+    p: float = key(0.5, "probability of each of the four; they run in a random order", UNIT)
 
 
 @dataclass
@@ -198,8 +218,8 @@ class Prompts:
     crop_size: int = key(224, "random square crop = the CLIP's input side (px)", at_least(1))
     long_side: List[int] = key([288, 480], "the long side is rescaled uniformly within [min, max] px",
                                at_least(1), length=2, pair=True)
-    color_jitter: List[float] = key([0.4, 0.4, 0.4, 0.1], "brightness, contrast, saturation, hue "
-                                                          "(torchvision ColorJitter)", NON_NEGATIVE, length=4)
+    color_jitter: ColorJitter = section(ColorJitter, "AlchemyCat's RandColorJitter on the uint8 image, before the "
+                                                     "rescale")
     flip: bool = key(True, "random horizontal flip")
     amp: bool = key(True, "mixed precision (CUDA only)")
     num_workers: int = key(4, "data-loader workers", NON_NEGATIVE)
@@ -210,9 +230,16 @@ class Prompts:
 
 @dataclass
 class PerKindStr:
-    hand: str = key("normalized", "hand prompts")
-    cls: str = key("normalized", "cls prompts")
-    seg: str = key("raw", "seg prompts")
+    hand: str = key("normalized", "hand prompts", one_of("normalized", "raw"))
+    cls: str = key("normalized", "cls prompts (the original's COCO: raw)", one_of("normalized", "raw"))
+    seg: str = key("raw", "seg prompts", one_of("normalized", "raw"))
+
+
+@dataclass
+class PerKindCaa:
+    hand: bool = key(True, "hand prompts: CLIP-ES's baseline")
+    cls: bool = key(True, "cls prompts: the coarse seeds")
+    seg: bool = key(True, "seg prompts: the fine seeds (the original's COCO: false)")
 
 
 @dataclass
@@ -240,7 +267,7 @@ class Cam:
     sinkhorn_iters: PerKindSinkhorn = section(PerKindSinkhorn, "Sinkhorn iterations of CAA's affinity, per prompt "
                                                                 "kind")
     caa_threshold: PerKindThreshold = section(PerKindThreshold, "CAA box threshold on the normalised CAM")
-    use_caa: bool = key(True, "downstream stages read the CAA-refined CAMs")
+    use_caa: PerKindCaa = section(PerKindCaa, "downstream stages read the CAA-refined CAMs, per prompt kind")
     bg_thresholds: List[float] = key([round(0.05 * i, 2) for i in range(1, 20)],
                                      "background thresholds of the CAM-argmax seed sweep", UNIT, non_empty=True)
     max_side: Optional[int] = key(512, "CLIP input's long side capped at this (attention memory grows with "

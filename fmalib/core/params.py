@@ -286,6 +286,14 @@ def check_values(tree: Mapping, where: str = "params") -> None:
     if len(names) > 254:
         raise FmalibError(f"{where}: key classes.names has {len(names)} classes; at most 254 fit a label PNG "
                           f"(ids 1..254, 255 = ignore)")
+    for kind in ("cls", "seg"):
+        pk, batch = tree["prompts"][kind], tree["prompts"]["batch_size"]
+        if batch % pk["sub_batches"]:
+            raise FmalibError(f"{where}: keys prompts.batch_size = {batch!r} and prompts.{kind}.sub_batches = "
+                              f"{pk['sub_batches']!r}: expected the batch to split into equal sub-batches")
+        if pk["cam_iter"] is not None and pk["cam_iter"] > pk["iters"]:
+            raise FmalibError(f"{where}: keys prompts.{kind}.cam_iter = {pk['cam_iter']!r} and prompts.{kind}.iters "
+                              f"= {pk['iters']!r}: expected cam_iter <= iters (or null: the last iteration)")
     syn = tree["data"]["synthetic"]
     if syn["size_max"] < syn["size_min"]:
         raise FmalibError(f"{where}: keys data.synthetic.size_min = {syn['size_min']!r} and size_max = "

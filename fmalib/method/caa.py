@@ -1,6 +1,6 @@
 """Class-aware attention refinement (CAA, CLIP-ES; docs/method.md §4): mean patch attention of the last k blocks →
 Sinkhorn → (A+Aᵀ)/2 → A·A; each class's CAM is propagated from inside the bounding boxes of its regions
-above a threshold."""
+above a threshold; the result stays raw (consumers score it)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,7 +10,6 @@ import torch
 from scipy import ndimage
 
 from ..core.errors import FmalibError
-from .cam import normalize_cams
 
 
 def sinkhorn(a: torch.Tensor, n_iters: int) -> torch.Tensor:
@@ -57,18 +56,18 @@ def box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
 CAA_SOURCES = ("normalized", "raw")
 
 
-def caa_refine(cams: torch.Tensor, affinity: torch.Tensor, threshold: float,
+def caa_refine(score: torch.Tensor, affinity: torch.Tensor, threshold: float,
                source: torch.Tensor | None = None) -> torch.Tensor:
-    """(K, h, w) normalised CAMs -> refined CAMs: affinity @ (CAM restricted to its boxes), then ReLU and
-    min-max.
+    """Propagate each class's map from inside its boxes: affinity @ (map · box mask), (K, h, w) -> (K, h, w),
+    **raw** — as the original saves it (``aff_cam``, ``src/libs/seeding/aff/tools.py``; ``to_in_bbox`` =
+    ``to_out_bbox`` = 'in_bbox': only patches inside a box pass mass on). Consumers score it
+    (``method.scores.cam_scores``: upsample, ReLU, min-max).
 
-    The boxes always come from the normalised ``cams``; the map propagated is ``source`` when given (the
-    original propagates the raw Grad-CAM for seg prompts) and the normalised CAMs otherwise (cls prompts).
-    """
-    k, h, w = cams.shape
-    masks = torch.from_numpy(np.stack([box_mask(c, threshold) for c in cams.detach().cpu().numpy()])
-                             if k else np.zeros((0, h, w), bool)).to(cams.device)
-    src = ((cams if source is None else source) * masks).reshape(k, h * w).float()
-    refined = (src @ affinity.T).reshape(k, h, w)
-    return normalize_cams(refined.clamp(min=0)) if k else refined
-
+    ``score``: the (K, h, w) CAMs scored on the patch grid (``min_max_norm``); the boxes always come from it.
+    The map propagated is ``source`` when given (the raw Grad-CAM: the original's ``aff_at='cam'``) and
+    ``score`` itself otherwise (``aff_at='score'``)."""
+    k, h, w = score.shape
+    masks = torch.from_numpy(np.stack([box_mask(c, threshold) for c in score.detach().cpu().numpy()])
+                             if k else np.zeros((0, h, w), bool)).to(score.device)
+    src = ((score if source is None else source) * masks).reshape(k, h * w).float()
+    return (src @ affinity.T).reshape(k, h, w)

@@ -5,13 +5,11 @@
   head (ln_post, proj, patch mean) are replayed, once per (image, class) pair in one batch, so one backward
   gives every pair's gradients; channel weights = gradients averaged over the patch tokens. Raw (no ReLU):
   the seg-prompt loss needs the sign; inference applies ReLU.
-- ``normalize_cams``: per-map min-max, as CLIP-ES's ``scale_cam_image``.
 """
 from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -69,17 +67,3 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor | None, eps: float =
         return logits.softmax(dim=-1)
     e = torch.exp(logits - logits.max(dim=-1, keepdim=True)[0]) * mask
     return e / (e.sum(dim=-1, keepdim=True) + eps)
-
-
-def normalize_cams(cams: torch.Tensor | np.ndarray):
-    """Per-map min-max to [0, 1] (CLIP-ES's scale_cam_image, without its absolute eps, so raw CAMs of any
-    scale reach exactly 1); a flat map becomes 0."""
-    flat = cams.reshape(cams.shape[0], -1)
-    if isinstance(cams, torch.Tensor):
-        lo, hi = flat.min(1)[0], flat.max(1)[0]
-        rng = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    else:
-        lo, hi = flat.min(1), flat.max(1)
-        rng = np.where(hi > lo, hi - lo, 1)
-    shape = (-1,) + (1,) * (cams.ndim - 1)
-    return (cams - lo.reshape(shape)) / rng.reshape(shape)

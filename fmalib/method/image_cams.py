@@ -1,5 +1,5 @@
-"""CAMs of one image for its present classes (docs/method.md §4): Grad-CAM at single scale (sides rounded to the patch
-size), ReLU + min-max, and their CAA refinement."""
+"""CAMs of one image for its present classes (docs/method.md §4): raw Grad-CAMs at single scale (sides rounded up to
+the patch size) and their raw CAA refinement; consumers score both (``method.scores.cam_scores``)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,7 +10,8 @@ import torch
 from ..core.errors import FmalibError
 from ..models import clip as C
 from .caa import CAA_SOURCES, caa_affinity, caa_refine
-from .cam import gradcam, normalize_cams
+from .cam import gradcam
+from .scores import min_max_norm
 
 
 def image_cams(model, text: torch.Tensor, n_fg: int, image: np.ndarray, labels: Sequence[int], *,
@@ -21,9 +22,12 @@ def image_cams(model, text: torch.Tensor, n_fg: int, image: np.ndarray, labels: 
     text (n_fg + n_bg, D): fg prompts then bg prompts. ``target`` / ``target_layer``: Grad-CAM's (see
     ``method.cam.gradcam``); CAA averages the attention of the last ``caa_last_k`` blocks, runs
     ``sinkhorn_iters`` Sinkhorn iterations and boxes the map at ``threshold``; ``caa_source``: the map CAA
-    propagates — ``normalized`` (ReLU + min-max) or ``raw``; ``max_side``: cap on the input's long side
+    propagates — ``normalized`` (the CAM's score on the patch grid, ReLU + min-max) or ``raw`` (the Grad-CAM);
+    the boxes always come from the score. ``max_side``: cap on the input's long side
     (``models.clip.input_size``). An image without labels (K = 0) gives (0, h, w) maps.
-    Returns float32 ``cam`` (ReLU, min-max) and ``cam_caa`` (refined), both (K, h, w), and ``labels``.
+    Returns float32 ``cam`` (the raw Grad-CAMs) and ``cam_caa`` (the raw propagated maps), both (K, h, w) on
+    the patch grid, and ``labels`` — as the original saves them (``src/tasks/infer_cam/run.py``,
+    ``src/tasks/aff_cam/run.py``).
     """
     if caa_source not in CAA_SOURCES:
         raise FmalibError(f"image_cams: caa_source={caa_source!r}; expected one of {CAA_SOURCES}")
@@ -43,9 +47,9 @@ def image_cams(model, text: torch.Tensor, n_fg: int, image: np.ndarray, labels: 
     idx = torch.as_tensor(labels - 1, device=text.device)
     raw = gradcam(model, out.block_input, out.grid, text, torch.zeros_like(idx), idx, allowed, target,
                   target_layer=target_layer)
-    cam = normalize_cams(raw.clamp(min=0))
-    refined = caa_refine(cam, caa_affinity([a[0] for a in out.attn], sinkhorn_iters), threshold,
+    score = min_max_norm(raw)  # cam2score on the patch grid (aff/caller.py): the boxes come from it
+    refined = caa_refine(score, caa_affinity([a[0] for a in out.attn], sinkhorn_iters), threshold,
                          raw if caa_source == "raw" else None)
-    return {"labels": labels, "cam": cam.cpu().numpy().astype(np.float32),
+    return {"labels": labels, "cam": raw.detach().cpu().numpy().astype(np.float32),
             "cam_caa": refined.cpu().numpy().astype(np.float32)}
 

@@ -82,6 +82,7 @@ import pandas as pd
 from ..core.errors import FmalibError
 from .metrics import ConfusionMeter, mean_iou
 from .rle import Intervals, MaskRuns
+from .scores import min_max_norm
 from .seed_rules import argmax_with_background
 from .upsample import interp_matrix, interp_taps, upsample_cams
 
@@ -223,18 +224,12 @@ def mask_cam_scores(cam: np.ndarray, runs: MaskRuns, intervals: Intervals | None
     return (sums / areas[None, :]).T
 
 
-MINMAX_EPS = 1e-7  # the original's min_max_norm: (s - min) / (max - min + eps)
-
-
 def normalize_scores(scores: np.ndarray) -> np.ndarray:
-    """Min-max normalise each class (column) across the masks as the original's ``min_max_norm(...,
-    thresh=0., eps=1e-7)``: ReLU (a no-op on means of ReLU'd maps), then (s - min) / (max - min + 1e-7) —
-    the top mask gets span / (span + 1e-7), a constant column 0."""
+    """Min-max normalise each class (column) across the masks with the original's ``min_max_norm(...,
+    thresh=0., eps=1e-7)`` (``method.scores``): the top mask gets span / (span + 1e-7), a constant column 0."""
     if scores.shape[0] == 0:
         return scores.astype(np.float64)
-    scores = np.maximum(scores.astype(np.float64), 0.0)
-    lo = scores.min(axis=0)
-    return (scores - lo) / (scores.max(axis=0) - lo + MINMAX_EPS)
+    return min_max_norm(scores.astype(np.float64).T).T
 
 
 # --- labelling and painting -------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..core.errors import FmalibError
 from .metrics import confusion_matrix, mean_iou
-from .upsample import upsample_cams
+from .scores import cam_scores
 
 
 def argmax_with_background(bg: np.ndarray, scores: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -23,11 +23,10 @@ def cam_argmax_seeds(cams: np.ndarray, labels: Sequence[int], bg_threshold: floa
                      size: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 label map argmax over (bg_threshold, CAM_1..CAM_K) -> 0 or labels[k] (ties go to background).
 
-    cams (K, h, w) normalised; resized bilinearly to ``size`` first when given.
+    cams (K, h, w) of any scale, scored as the original does (``cam_scores``: resized bilinearly to ``size``
+    when given, then ReLU + min-max).
     """
-    cams = np.asarray(cams, np.float32)
-    if size is not None:
-        cams = upsample_cams(cams, size)
+    cams = cam_scores(cams, size)
     labels = np.asarray(labels, np.int64)
     if cams.ndim != 3 or len(labels) != cams.shape[0]:
         raise FmalibError(f"cam_argmax_seeds: cams {cams.shape} must be (K, H, W) with K = len(labels) = {len(labels)}")
@@ -39,12 +38,13 @@ def cam_argmax_seeds(cams: np.ndarray, labels: Sequence[int], bg_threshold: floa
 
 def bg_threshold_sweep(items: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], thresholds: Sequence[float],
                        num_classes: int) -> dict[float, float]:
-    """{threshold: mIoU} of ``cam_argmax_seeds`` over (cams at any size, labels, gt) items; one pass: the
-    class argmax is taken once and compared with each threshold (the same labels, ties to background)."""
+    """{threshold: mIoU} of ``cam_argmax_seeds`` over (cams at any size and scale, labels, gt) items; one pass:
+    the class argmax of the scores is taken once and compared with each threshold (the same labels, ties to
+    background)."""
     ts = [float(t) for t in thresholds]
     conf = np.zeros((len(ts), num_classes, num_classes), np.int64)
     for cams, labels, gt in items:
-        cams = upsample_cams(cams, gt.shape) if len(labels) else np.zeros((0,) + gt.shape, np.float32)
+        cams = cam_scores(cams, gt.shape) if len(labels) else np.zeros((0,) + gt.shape, np.float32)
         top = cams.max(axis=0) if len(labels) else np.full(gt.shape, -np.inf, np.float32)
         cls = np.concatenate([[0], labels])[cams.argmax(axis=0) + 1] if len(labels) else np.zeros(gt.shape, np.int64)
         for i, t in enumerate(ts):

@@ -14,7 +14,7 @@ from ..core.cache import StageCache, atomic_write_text, stable_hash, strict_json
 from ..data import open_dataset
 from ..data.labels import write_label_png
 from ..method.seed_rules import bg_threshold_sweep, cam_argmax_seeds
-from .cams import load_cams, run_cam_stage
+from .cams import caa_for, load_cams, run_cam_stage
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def cam_argmax_seed_dir(params, split: str, cams: StageCache, thresholds: Sequen
     ground truth (the baseline's own protocol, so the comparison favours it). Returns (dir, t, {t: mIoU});
     the choice is kept in the cache's meta.json, so a finished run is not swept again."""
     dataset = open_dataset(params, split)
-    caa = bool(params["cam"].get("use_caa", True))
+    caa = caa_for(params, cams)
     thresholds = thresholds or params["cam"]["bg_thresholds"]
     cache = cam_argmax_cache(params, split, cams, caa, thresholds)
     meta = cache.dir / "meta.json"

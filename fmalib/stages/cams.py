@@ -1,6 +1,8 @@
-"""The CAM stage: every image of a split → its CAMs for hand, cls or seg prompts, one compressed float16 npz per
-image (``StageCache``): ``labels`` (K,) fg ids, ``cam`` and ``cam_caa`` (K, h, w) on the patch grid, K =
-present classes; resumable, shardable. CLIP-ES's CAM-argmax baseline over these caches:
+"""The CAM stage: every image of a split → its CAMs for hand, cls or seg prompts, one compressed npz per image
+(``StageCache``): ``labels`` (K,) fg ids, ``cam`` (raw Grad-CAMs) and ``cam_caa`` (raw CAA output), float32
+(K, h, w) on the patch grid, K = present classes — raw, as the original saves them; every consumer scores
+them (``method.scores.cam_scores`` or SAMS). float32: a raw map's scale can be far below float16's
+resolution. Resumable, shardable. CLIP-ES's CAM-argmax baseline over these caches:
 ``fmalib.stages.cam_argmax``."""
 from __future__ import annotations
 
@@ -51,6 +53,12 @@ def warn_tiny_image(model, image_id: str, size: tuple[int, int], max_side: int |
     return True
 
 
+def caa_for(params, cams: StageCache) -> bool:
+    """Whether downstream stages read the CAA-refined maps of a CAM cache: ``cam.use_caa`` of its prompt kind
+    (the cache's stage is ``cam_<kind>``)."""
+    return bool(params["cam"]["use_caa"][cams.stage.removeprefix("cam_")])
+
+
 def cam_arguments(params, kind: str) -> dict:
     """``image_cams``' keyword arguments from ``params.cam`` for the prompt kind ``kind``."""
     cam = params["cam"]
@@ -91,12 +99,11 @@ def run_cam_stage(params, split: str, kind: str = "cls", shard: tuple[int, int] 
         item = ds[index[image_id]]
         warn_tiny_image(model, item["id"], item["image"].shape[:2], params["cam"]["max_side"])
         res = image_cams(model, text, pset.n_fg, item["image"], item["labels"], **cam_arguments(params, kind))
-        cache.save_npz(item["id"], labels=res["labels"], cam=res["cam"].astype(np.float16),
-                       cam_caa=res["cam_caa"].astype(np.float16))
+        cache.save_npz(item["id"], labels=res["labels"], cam=res["cam"], cam_caa=res["cam_caa"])
     return cache
 
 
 def load_cams(cache: StageCache, image_id: str, caa: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(cams float32 (K, h, w), labels (K,)) of one cached image."""
+    """(raw cams float32 (K, h, w), labels (K,)) of one cached image."""
     z = cache.load_npz(image_id)
     return z["cam_caa" if caa else "cam"].astype(np.float32), z["labels"].astype(np.int64)

@@ -1,15 +1,15 @@
-"""Prompt-training data: the batch schedule and the augmentation, scaled to the crop (colour jitter, rescale so
-the long side falls in ``long_side`` with the short side ≥ crop, random crop, horizontal flip; seeds follow
-the geometry). Each item's augmentation comes from an RNG seeded by (seed, iteration, slot), so a resumed run
+"""Prompt-training data: the batch schedule and the augmentation, scaled to the crop (AlchemyCat's colour jitter,
+rescale so the long side falls in ``long_side`` with the short side ≥ crop, random crop, horizontal flip; seeds
+follow the geometry). Each item's augmentation comes from an RNG seeded by (seed, iteration, slot), so a resumed run
 gives the same bytes as an uninterrupted one."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from ..core.errors import FmalibError
@@ -30,38 +30,65 @@ def batch_indices(n: int, batch: int, it: int, seed: int) -> list[int]:
     return out
 
 
-def color_jitter(x: torch.Tensor, rng: np.random.Generator, strength: Sequence[float]) -> torch.Tensor:
-    """torchvision ColorJitter semantics (brightness, contrast, saturation, hue; random order) with ``rng``."""
-    b, c, s, h = (float(v) for v in strength)
-    ops = []
-    if b > 0:
-        f = rng.uniform(max(0.0, 1 - b), 1 + b)
-        ops.append(lambda t, f=f: TF.adjust_brightness(t, f))
-    if c > 0:
-        f = rng.uniform(max(0.0, 1 - c), 1 + c)
-        ops.append(lambda t, f=f: TF.adjust_contrast(t, f))
-    if s > 0:
-        f = rng.uniform(max(0.0, 1 - s), 1 + s)
-        ops.append(lambda t, f=f: TF.adjust_saturation(t, f))
-    if h > 0:
-        f = rng.uniform(-h, h)
-        ops.append(lambda t, f=f: TF.adjust_hue(t, f))
-    for k in rng.permutation(len(ops)):
-        x = ops[k](x)
-    return x
+def scale_abs(x: np.ndarray, alpha: float, beta: float) -> np.ndarray:
+    """OpenCV's ``convertScaleAbs`` on uint8: |alpha·x + beta|, rounded half to even, clipped to 255."""
+    return np.minimum(np.rint(np.abs(x.astype(np.float64) * alpha + beta)), 255).astype(np.uint8)
+
+
+def _hsv_channel(image: np.ndarray, channel: int, alpha: float, beta: float) -> np.ndarray:
+    """``scale_abs`` on one channel of the image's 8-bit HSV (PIL's: hue on 0–255, as OpenCV's HSV_FULL)."""
+    hsv = np.array(Image.fromarray(image).convert("HSV"))
+    hsv[..., channel] = scale_abs(hsv[..., channel], alpha, beta)
+    return np.array(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+def jitter_draws(rng: np.random.Generator, jitter) -> dict:
+    """One image's draws of AlchemyCat's ``RandColorJitter`` (``alchemy_cat/data/plugins/augers.py``): each of
+    brightness, contrast, saturation and hue happens with probability ``p`` (None: not applied), then the four
+    steps run in a random order."""
+    p = float(jitter["p"])
+    b, h = float(jitter["brightness"]), float(jitter["hue"])
+    draws = {"brightness": rng.uniform(-b, b) if rng.random() < p else None,
+             "contrast": rng.uniform(*jitter["contrast"]) if rng.random() < p else None,
+             "saturation": rng.uniform(*jitter["saturation"]) if rng.random() < p else None,
+             "hue": rng.uniform(-h, h) if rng.random() < p else None}
+    draws["order"] = [int(i) for i in rng.permutation(4)]
+    return draws
+
+
+JITTER_STEPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def color_jitter(image: np.ndarray, draws: dict) -> np.ndarray:
+    """Apply ``jitter_draws`` to a uint8 RGB image: brightness adds its delta to every channel, contrast
+    multiplies every channel (no mean centring), saturation multiplies HSV's S, hue adds its delta to the 0–255
+    hue (clipped, not wrapped) — each step saturating to uint8 as OpenCV's ``convertScaleAbs``."""
+    for step in (JITTER_STEPS[i] for i in draws["order"]):
+        v = draws[step]
+        if v is None:
+            continue
+        if step == "brightness":
+            image = scale_abs(image, 1.0, v)
+        elif step == "contrast":
+            image = scale_abs(image, v, 0.0)
+        elif step == "saturation":
+            image = _hsv_channel(image, 1, v, 0.0)
+        else:
+            image = _hsv_channel(image, 0, 1.0, v)
+    return image
 
 
 def augment(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator,
             aug) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 (H, W, 3) [+ uint8 (H, W) seeds] -> float (3, S, S) in [0, 1] [+ long (S, S)], S = aug.crop_size.
 
-    Colour jitter; rescale (bicubic) so the long side is uniform in aug.long_side and the short side ≥ S;
+    Colour jitter (``color_jitter``, on the uint8 image); rescale (bicubic) so the long side is uniform in aug.long_side and the short side ≥ S;
     random S×S crop (padding with 0 / ignore if ever needed); horizontal flip with p = 0.5 if aug.flip.
     """
     crop = int(aug["crop_size"])
     lo, hi = (int(v) for v in aug["long_side"])
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
-    x = color_jitter(x, rng, aug["color_jitter"]).clamp(0, 1)
+    image = color_jitter(np.ascontiguousarray(image, np.uint8), jitter_draws(rng, aug["color_jitter"]))
+    x = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
     h, w = image.shape[:2]
     scale = max(rng.integers(lo, hi + 1) / max(h, w), crop / min(h, w))
     # an extreme aspect ratio (1 x 3000 px) would ask for a 224 x 672,000 tensor: cap the long side at 4x the

@@ -56,10 +56,19 @@ def train_cache(params, kind: str, seeds_dir: str | Path | None = None) -> Stage
     return StageCache(params.resolve_path("workdir"), f"prompts_{kind}", key, code=TRAINER)
 
 
+def cam_context(out: Path, params, kind: str) -> Path:
+    """The context file the CAM stage reads from a run dir: after ``prompts.<kind>.cam_iter`` iterations
+    (``context_at_<n>.pt``) or, when that is null or the last iteration, the finished run's ``context.pt``."""
+    cam_iter, iters = params["prompts"][kind]["cam_iter"], int(params["prompts"][kind]["iters"])
+    return out / (f"context_at_{int(cam_iter)}.pt" if cam_iter is not None and cam_iter < iters else "context.pt")
+
+
 def trained_context_path(params, kind: str, seeds_dir: str | Path | None = None) -> Path:
-    """context.pt of the finished ``train_prompts(params, kind, seeds_dir)`` run; an error if not trained."""
-    path = train_cache(params, kind, seeds_dir).dir / "context.pt"
-    if not path.is_file():
+    """The contexts that give the CAMs of the finished ``train_prompts(params, kind, seeds_dir)`` run
+    (``cam_context``); an error if not trained."""
+    run_dir = train_cache(params, kind, seeds_dir).dir
+    path = cam_context(run_dir, params, kind)
+    if not path.is_file() or not (run_dir / "context.pt").is_file():
         why = "none trained on these seeds (new or changed coarse seeds?)" if kind == "seg" else "not trained"
         raise FmalibError(f"no trained {kind} prompts at {path}: {why}; run `{fill_command(params, 'prompts')}` "
                           f"(with this run's --set / --fast options) or fmalib.stages.prompts.train_prompts(params, "

@@ -5,8 +5,12 @@
 pixel seeds (``<seeds_dir>/<image id>.png``, palette or grayscale, 255 = ignore).
 
 SGD with momentum, constant warm-up lr then cosine to 0, AMP only on CUDA; batches and augmentation from
-``fmalib.stages.prompt_data``. Output dir = workdir/prompts_<stage>/<key>: ``ckpt.pt`` (contexts + optimizer,
-every ``ckpt_every`` iterations), ``context.pt`` (contexts only, when finished), ``loss.csv`` (per iteration:
+``fmalib.stages.prompt_data``; with ``sub_batches`` > 1 each batch is split into that many sub-batches, each
+loss averaged over its own sub-batch and divided by ``sub_batches`` before its backward (the original's
+gradient accumulation, ``sub_iter_num``). Output dir = workdir/prompts_<stage>/<key>: ``ckpt.pt`` (contexts +
+optimizer, every ``ckpt_every`` iterations), ``context.pt`` (contexts only, when finished),
+``context_at_<n>.pt`` (the contexts after iteration ``cam_iter`` = n, when that is set below the last: the
+CAM stage reads these, as the original's COCO CAMs come from an early checkpoint), ``loss.csv`` (per iteration:
 loss, lr, seconds and the mean cosine between foreground prompts, ``fmalib.method.prompts.fg_similarity``);
 the run's key and its context files: ``fmalib.stages.prompt_runs``. ``classification_map`` scores trained or
 hand prompts as a multi-label classifier over a split.
@@ -35,7 +39,7 @@ from ..method.prompts import PromptSet, fg_similarity
 from ..models import clip as C
 from ..models.checkpoints import load_clip_from_params
 from .prompt_data import TrainSet, batch_indices
-from .prompt_runs import build_prompts, load_context, save_context, train_cache
+from .prompt_runs import build_prompts, cam_context, load_context, save_context, train_cache
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,12 @@ def lr_at(it: int, iters: int, lr: float, warmup_iters: int, warmup_lr: float) -
     return 0.5 * float(lr) * (1.0 + math.cos(math.pi * (it - warmup_iters) / span))
 
 
+def sub_batches(n: int, parts: int) -> list[slice]:
+    """The batch's ``parts`` consecutive, equal sub-batches (``params`` checks that ``parts`` divides it)."""
+    size = n // parts
+    return [slice(i * size, (i + 1) * size) for i in range(parts)]
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 @dataclass
@@ -57,6 +67,7 @@ class TrainResult:
     out_dir: Path
     context_path: Path
     csv_path: Path
+    cam_context_path: Path  # the contexts the CAM stage reads: context_at_<cam_iter>.pt or context.pt
     losses: list = field(default_factory=list)
     lrs: list = field(default_factory=list)
     seconds: list = field(default_factory=list)  # wall time of each iteration
@@ -104,8 +115,9 @@ def train_prompts(params, kind: str = "cls", seeds_dir: str | Path | None = None
 
 def _train(params, kind, cache, seeds_dir, model, progress, stop_after, force) -> TrainResult:
     out = cache.dir
-    res = TrainResult(kind, out, out / "context.pt", out / "loss.csv")
     iters = int(params["prompts"][kind]["iters"])
+    res = TrainResult(kind, out, out / "context.pt", out / "loss.csv", cam_context(out, params, kind))
+    cam_iter = params["prompts"][kind]["cam_iter"]
     if force:
         for path in (res.context_path, out / "ckpt.pt"):
             path.unlink(missing_ok=True)
@@ -161,14 +173,20 @@ def _train(params, kind, cache, seeds_dir, model, progress, stop_after, force) -
         for g in opt.param_groups:
             g["lr"] = lr
         images, present, seeds = images.to(device), present.to(device), seeds.to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            if kind == "cls":
-                loss = cls_batch_loss(model, prompts, images, present, schedule["loss"])
-            else:
-                loss = seg_batch_loss(model, prompts, images, present, seeds, params["cam"]["target"],
-                                      params["cam"]["target_layer"], schedule["pairs"])
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss = 0.0
+        for part in sub_batches(len(images), int(schedule["sub_batches"])):
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                if kind == "cls":
+                    part_loss = cls_batch_loss(model, prompts, images[part], present[part], schedule["loss"])
+                else:
+                    part_loss = seg_batch_loss(model, prompts, images[part], present[part], seeds[part],
+                                               params["cam"]["target"], params["cam"]["target_layer"],
+                                               schedule["pairs"])
+            part_loss = part_loss / int(schedule["sub_batches"])
+            if part_loss.requires_grad:  # a sub-batch without a (image, class) pair gives a constant 0
+                scaler.scale(part_loss).backward()
+            loss = loss + part_loss.detach()
         scaler.step(opt)
         scaler.update()
         with torch.no_grad():
@@ -180,6 +198,8 @@ def _train(params, kind, cache, seeds_dir, model, progress, stop_after, force) -
         t0 = t1
         bar.set_postfix(loss=f"{res.losses[-1]:.4f}")
         it += 1
+        if it == cam_iter and it < iters:  # saved before the checkpoint at this iteration: a resume has it
+            save_context(prompts, res.cam_context_path, kind=kind, iters=it)
         if it % int(pr["ckpt_every"]) == 0 or it == end:
             save_ckpt(it)
     if it >= iters:

@@ -35,7 +35,7 @@ def seed_power_sweep(params, split: str, cam_source, powers: Sequence[float] | N
     """Seed mIoU against ground truth for every p (the ablation; ``make_seeds`` never uses it)."""
     dataset = open_dataset(params, split)
     masks_cache = mask_cache(params, split)
-    load_cam, _ = cam_loader(cam_source, bool(params["cam"].get("use_caa", True)))
+    load_cam, _ = cam_loader(params, cam_source)
     n = len(dataset) if limit is None else min(limit, len(dataset))
     images, gts = [], []
     for j in tqdm(range(n), desc="bg power sweep (GT)", leave=False):

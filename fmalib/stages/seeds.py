@@ -3,7 +3,7 @@
 ``make_seeds(params, split, cam_source, kind)`` is the stage behind notebooks 04 (coarse seeds, from the
 cls-prompt CAMs; they train the seg prompts) and 06 (fine seeds, from the seg-prompt CAMs; they train
 stage 2). ``cam_source`` is a CAM ``StageCache`` of ``fmalib.stages.cams`` (its CAA-refined maps when
-``params.cam.use_caa``) or any callable ``image_id -> (cams (K, h, w), labels (K,))`` — CAMs of another
+``params.cam.use_caa.<prompt kind>``) or any callable ``image_id -> (cams (K, h, w), labels (K,))`` — CAMs of another
 method, on any grid (see ``fmalib.method.sams``). The background power is ``params.sams.bg_power.<kind>``: a
 number, or ``auto`` = ``fmalib.method.sams.choose_bg_power`` on the first ``params.sams.power_images`` images of
 the split (no ground truth). Output: ``workdir/seeds_<kind>/<key>/<image id>.png`` + ``meta.json``
@@ -29,7 +29,7 @@ from ..data import open_dataset
 from ..data.labels import write_label_png
 from ..method.masks import MaskSet
 from ..method.sams import SamsImage, choose_bg_power, sams_assign, sams_prepare
-from .cams import load_cams
+from .cams import caa_for, load_cams
 from .masks import load_masks, mask_cache
 from .shards import fill_command, require_cached, resolve_shard, shard_indices
 
@@ -39,9 +39,11 @@ KINDS = ("coarse", "fine")
 CamLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
 
 
-def cam_loader(cam_source, caa: bool = True) -> tuple[CamLoader, Any]:
-    """(image_id -> (cams, labels), a JSON-able identity of the source for cache keys)."""
+def cam_loader(params, cam_source) -> tuple[CamLoader, Any]:
+    """(image_id -> (cams, labels), a JSON-able identity of the source for cache keys); a CAM cache gives its
+    CAA-refined maps where ``cam.use_caa`` of its prompt kind is on."""
     if isinstance(cam_source, StageCache):
+        caa = caa_for(params, cam_source)
         return (lambda image_id: load_cams(cam_source, image_id, caa)), \
             {"stage": cam_source.stage, "key": cam_source.key, "caa": caa}
     if callable(cam_source):
@@ -144,7 +146,7 @@ def make_seeds(params, split: str, cam_source, kind: str = "fine", *, shard: tup
         require_cached(cam_source, dataset.ids, f"{prompt_kind} CAMs ({split} split)",
                        f"fmalib.stages.cams.run_cam_stage(params, {split!r}, {prompt_kind!r}) (`"
                        f"{fill_command(params, 'seeds')}` runs it in one process)")
-    load_cam, cam_ident = cam_loader(cam_source, bool(params["cam"].get("use_caa", True)))
+    load_cam, cam_ident = cam_loader(params, cam_source)
     rule = bg_power_rule(params, kind, bg_power)
     cache = seed_cache(params, split, kind, masks_cache, cam_ident, rule)
     meta_path = cache.dir / "meta.json"

@@ -47,7 +47,7 @@ def settings_column(params: Params, stage2: bool = True) -> dict:
     model = load_clip_from_params(params)
     split, val_split = params["data"]["train_split"], params["data"]["val_split"]
     train_ds, val_ds = open_dataset(params, split), open_dataset(params, val_split)
-    caa = bool(params["cam"]["use_caa"])
+    caa = {kind: bool(on) for kind, on in params["cam"]["use_caa"].items()}
     out: dict[str, Any] = {"use_caa": caa, "target_layer": params["cam"]["target_layer"],
                            "cls_lr": params["prompts"]["cls"]["lr"], "seg_lr": params["prompts"]["seg"]["lr"],
                            "cls_loss": params["prompts"]["cls"]["loss"]}
@@ -71,7 +71,7 @@ def settings_column(params: Params, stage2: bool = True) -> dict:
 
     seg_run = train_prompts(params, "seg", seeds_dir=coarse.dir, model=model)
     argmax["seg"] = argmax_seed_miou(params, "seg", seeds_dir=coarse.dir, model=model)
-    seg_cams = run_cam_stage(params, split, "seg", whole, ctx_path=seg_run.context_path, model=model)
+    seg_cams = run_cam_stage(params, split, "seg", whole, ctx_path=seg_run.cam_context_path, model=model)
     fine = make_seeds(params, split, seg_cams, "fine", shard=whole)
     out["fine_miou"] = mean_iou(evaluate_seeds(train_ds, fine.dir))
     out["fine_bg_power"] = fine.bg_power
@@ -110,11 +110,11 @@ def cls_loss_variant(params: Params, loss: str) -> dict:
 # (row label, how the row's two numbers compare: first > second is what the paper reports)
 ORDERINGS = [
     ("learned cls prompts > hand prompts (val mAP)", "map_cls", "map_hand"),
-    ("learned cls prompts > hand prompts (val CAM-argmax seeds, params' CAA)", "argmax_val_cls_{caa}",
-     "argmax_val_hand_{caa}"),
+    ("learned cls prompts > hand prompts (val CAM-argmax seeds, params' CAA)", "argmax_val_cls_{cls}",
+     "argmax_val_hand_{hand}"),
     ("CAA > no CAA (cls CAMs, val CAM-argmax seeds)", "argmax_val_cls_caa", "argmax_val_cls_no_caa"),
-    ("seg prompts > cls prompts (val CAM-argmax seeds, params' CAA)", "argmax_val_seg_{caa}",
-     "argmax_val_cls_{caa}"),
+    ("seg prompts > cls prompts (val CAM-argmax seeds, params' CAA)", "argmax_val_seg_{seg}",
+     "argmax_val_cls_{cls}"),
     ("SAMS > CAM argmax (coarse, train)", "coarse_miou", "cls_argmax_train_miou"),
     ("SAMS > CAM argmax (fine, train)", "fine_miou", "seg_argmax_train_miou"),
     ("fine seeds > coarse seeds (train)", "fine_miou", "coarse_miou"),
@@ -124,10 +124,10 @@ ORDERINGS = [
 
 def orderings(column: dict) -> list[dict]:
     """One row per ordering of ``ORDERINGS``: its two numbers and whether it holds (None if not run)."""
-    tag = "caa" if column.get("use_caa") else "no_caa"
+    tags = {kind: "caa" if on else "no_caa" for kind, on in column["use_caa"].items()}  # cam.use_caa per kind
     rows = []
     for label, a, b in ORDERINGS:
-        va, vb = column.get(a.format(caa=tag)), column.get(b.format(caa=tag))
+        va, vb = column.get(a.format(**tags)), column.get(b.format(**tags))
         holds = None if va is None or vb is None else bool(va > vb)
         rows.append({"ordering": label, "first": va, "second": vb, "holds": holds})
     return rows

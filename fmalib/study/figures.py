@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..method.masks import LEVELS, MaskSet
 from ..method.prompts import HAND_TEMPLATE
-from ..method.upsample import upsample_cams
+from ..method.scores import cam_scores
 from ..models.clip import to_input
 from ..pretrain.clip_quality import hand_prompt_gradcam, text_features
 from ..pretrain.sam_quality import center_point, predict_points
@@ -111,7 +111,7 @@ def cam_panels(item: dict, sources: dict) -> tuple[list, list]:
         images.append(overlay(image, item["gt"]))
         titles.append("ground truth")
     for title, (cams, labels) in sources.items():
-        heat = upsample_cams(cams, image.shape[:2]).max(axis=0) if len(labels) else np.zeros(image.shape[:2])
+        heat = cam_scores(cams, image.shape[:2]).max(axis=0) if len(labels) else np.zeros(image.shape[:2])
         images.append(heatmap(image, heat))
         titles.append(title)
     return images, titles
@@ -120,8 +120,8 @@ def cam_panels(item: dict, sources: dict) -> tuple[list, list]:
 def seed_panels(item: dict, cams: np.ndarray, labels: np.ndarray, seeds: dict[str, np.ndarray]):
     """(images, titles) for a figure row: image, GT, the CAMs' max as a heat map, then each seed overlay."""
     image = item["image"]
-    heat = upsample_cams(cams, image.shape[:2]).max(axis=0) if len(labels) else np.zeros(image.shape[:2])
-    images = [image, overlay(image, item["gt"]), heatmap(image, heat / max(float(heat.max()), 1e-6))]
+    heat = cam_scores(cams, image.shape[:2]).max(axis=0) if len(labels) else np.zeros(image.shape[:2])
+    images = [image, overlay(image, item["gt"]), heatmap(image, heat)]
     images += [overlay(image, s) for s in seeds.values()]
     return images, ["image", "ground truth", "CAM (max over classes)", *seeds]
 

@@ -15,7 +15,7 @@ from ..core.cache import StageCache
 from ..data import open_dataset
 from ..data.labels import read_label_png
 from ..method.metrics import iou_table, mean_iou
-from ..stages.cams import load_cams
+from ..stages.cams import caa_for, load_cams
 from ..stages.pipeline import SeedsRun, seeds
 from ..stages.seeds import SeedSet
 from ..stages.cam_argmax import cam_argmax_seed_dir
@@ -103,6 +103,6 @@ def seed_report(params, run: SeedsRun, others: dict[str, Path] | None = None) ->
                f"CAM argmax (bg {t:.2f}, GT-tuned)": Path(argmax_dir)}
     names = ["background", *dataset.class_names]
     conf = {k: evaluate_seeds(dataset, d) for k, d in folders.items()}
-    return SeedReport(run, seeds, cams, dataset, bool(params["cam"]["use_caa"]), folders, t,
+    return SeedReport(run, seeds, cams, dataset, caa_for(params, cams), folders, t,
                       {k: iou_table(c, names) for k, c in conf.items()}, {k: mean_iou(c) for k, c in conf.items()},
                       seed_power_sweep(params, split, cams))

@@ -53,7 +53,7 @@ def test_defaults_are_the_papers():
     assert (d.prompts.cls.iters, d.prompts.seg.iters, d.prompts.cls.warmup_iters, d.prompts.batch_size) == \
            (1800, 17000, 500, 16)
     assert (d.masks.points_per_side, d.masks.pred_iou_thresh, d.masks.stability_score_thresh) == (32, 0.86, 0.92)
-    assert d.cam.use_caa and d.cam.target_layer == "ln1_out" and d.prompts.crop_size == 224
+    assert all(d.cam.use_caa.values()) and d.cam.target_layer == "ln1_out" and d.prompts.crop_size == 224
 
 
 def test_base_chain_overlays_and_variant(tmp_path):
@@ -67,7 +67,7 @@ def test_base_chain_overlays_and_variant(tmp_path):
         load_params(loop)
     fast = setup("params/toy.yaml", fast=True)
     assert fast.data.synthetic.n_train == 12 and fast.workdir == "work/toy-fast"
-    assert fast.prompts.cls.iters == 3 and fast.cam.use_caa is False
+    assert fast.prompts.cls.iters == 3 and not any(fast.cam.use_caa.values())
     voc = load_params("params/voc.yaml")
     voc_fast = load_params("params/voc.yaml", overlays=fast_overlay(voc))
     assert (voc_fast.workdir, voc_fast.data.root) == ("work/voc-fast", "data/voc-tiny")  # ${name} resolved
@@ -87,9 +87,9 @@ def test_unknown_missing_and_mistyped_keys_name_file_and_key(tmp_path):
         load_params(bad)
     with pytest.raises(FmalibError, match=r"key seed is 'zero'; expected int"):
         load_params("params/toy.yaml", {"seed": "zero"})
-    with pytest.raises(FmalibError, match=r"--set cam.use_caa='maybe' \(over .*toy.yaml\): key cam.use_caa is "
-                                          r"'maybe'; expected bool"):
-        setup("params/toy.yaml", overrides={"cam.use_caa": "maybe"})
+    with pytest.raises(FmalibError, match=r"--set cam.use_caa.cls='maybe' \(over .*toy.yaml\): key cam.use_caa.cls "
+                                          r"is 'maybe'; expected bool"):
+        setup("params/toy.yaml", overrides={"cam.use_caa.cls": "maybe"})
     with pytest.raises(FmalibError, match=r"override data.nope=1 \(over .*toy.yaml\): unknown key data.nope"):
         load_params("params/toy.yaml", {"data.nope": 1})
     with pytest.raises(FmalibError, match="does not exist"):
@@ -129,7 +129,13 @@ def test_yaml_float_pitfall(tmp_path):
     ("sams.confident_lo", 0.95, "keys sams.confident_hi = 0.9 and sams.confident_lo = 0.95: expected "
                                 "0 <= confident_lo < confident_hi <= 1 (swapped?)"),
     ("prompts.long_side", [480, 288], "key prompts.long_side is [480, 288]; expected [min, max] with min <= max"),
-    ("prompts.color_jitter", [0.4, 0.4], "key prompts.color_jitter is [0.4, 0.4]; expected 4 numbers"),
+    ("prompts.color_jitter.contrast", [0.6], "key prompts.color_jitter.contrast is [0.6]; expected 2 numbers"),
+    ("prompts.color_jitter.p", 1.5, "key prompts.color_jitter.p is 1.5; expected in [0, 1]"),
+    ("prompts.cls.sub_batches", 3, "keys prompts.batch_size = 16 and prompts.cls.sub_batches = 3: expected the "
+                                   "batch to split into equal sub-batches"),
+    ("prompts.seg.cam_iter", 101, "keys prompts.seg.cam_iter = 101 and prompts.seg.iters = 100: expected "
+                                  "cam_iter <= iters (or null: the last iteration)"),
+    ("cam.caa_source.cls", "score", "key cam.caa_source.cls is 'score'; expected one of normalized, raw"),
     ("prompts.momentum", 1.0, "key prompts.momentum is 1.0; expected in [0, 1)"),
     ("stage2.backbone_depth", 20, "key stage2.backbone_depth is 20; expected one of 18, 34, 50, 101, 152"),
     ("classes.synonyms", ["x"], "key classes.synonyms has 1 entries but classes.names has 6; expected one "

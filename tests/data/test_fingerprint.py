@@ -94,7 +94,7 @@ def test_prompt_augmentation_bounds_extreme_aspect_ratios(monkeypatch):
 
     sizes, resize = [], pd_mod.TF.resize
     monkeypatch.setattr(pd_mod.TF, "resize", lambda x, size, **kw: sizes.append(tuple(size)) or resize(x, size, **kw))
-    cfg = {"crop_size": 32, "long_side": [40, 60], "color_jitter": [0, 0, 0, 0], "flip": False}
+    cfg = {"crop_size": 32, "long_side": [40, 60], "color_jitter": {"brightness": 0, "contrast": [1, 1], "saturation": [1, 1], "hue": 0, "p": 0}, "flip": False}
     x, y = pd_mod.augment(np.zeros((1, 3000, 3), np.uint8), np.zeros((1, 3000), np.uint8), np.random.default_rng(0), cfg)
     assert x.shape == (3, 32, 32) and y.shape == (32, 32)
     assert max(sizes[0]) == 4 * 60 and min(sizes[0]) == 32  # not 32 x 96,000

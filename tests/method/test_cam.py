@@ -8,7 +8,8 @@ import torch
 from fmalib.core.errors import FmalibError
 from fmalib.core.params import load_params
 from fmalib.method.caa import box_mask, caa_affinity, caa_refine, sinkhorn
-from fmalib.method.cam import gradcam, normalize_cams
+from fmalib.method.cam import gradcam
+from fmalib.method.scores import min_max_norm
 from fmalib.method.image_cams import image_cams
 from fmalib.method.prompts import HandPrompts
 from fmalib.method.seed_rules import bg_threshold_sweep, cam_argmax_seeds
@@ -124,8 +125,8 @@ def test_image_cams_non_square_sizes_rounded_to_patch(tiny):
     assert to_input(model, img).shape[-2:] == (48, 64)
     out = image_cams(model, text, 3, img, [1, 3], **CFG, threshold=0.4)
     assert out["cam"].shape == (2, 6, 8) and out["cam_caa"].shape == (2, 6, 8)
-    for k in ("cam", "cam_caa"):
-        assert out[k].min() >= 0 and out[k].max() == pytest.approx(1.0, abs=1e-5)
+    assert out["cam"].min() < 0 < out["cam"].max()  # raw Grad-CAMs, signed, as the original stores them
+    assert out["cam"].max() < 0.5  # not min-max normalised
     empty = image_cams(model, text, 3, img, [], **CFG, threshold=0.4)
     assert empty["cam"].shape == (0, 6, 8)
 
@@ -160,10 +161,11 @@ def test_box_mask_and_refine():
     expect[6, 8] = True
     assert np.array_equal(m, expect)
     cams = torch.from_numpy(np.stack([cam, np.zeros_like(cam)]))
-    out = caa_refine(normalize_cams(cams), torch.eye(80), 0.4)
+    out = caa_refine(min_max_norm(cams), torch.eye(80), 0.4)
     assert out.shape == (2, 8, 10)
-    # identity affinity: the refined CAM is the CAM inside its boxes, renormalised; a flat CAM stays 0
-    assert torch.allclose(out[0], normalize_cams(cams[:1] * torch.from_numpy(expect))[0], atol=1e-5)
+    # identity affinity: the refined map is the score inside its boxes, not renormalised; a flat CAM stays 0
+    score = cams[0] / (1 + 1e-7)  # min 0, max 1: (x - 0) / (1 - 0 + 1e-7)
+    assert torch.allclose(out[0], score * torch.from_numpy(expect), atol=1e-7)
     assert out[1].abs().max() == 0
 
 
@@ -182,17 +184,28 @@ def test_caa_box_threshold_and_source():
     a = torch.rand(72, 72, generator=torch.Generator().manual_seed(0))
     got = caa_refine(cams, a, 0.5, source=raw)
     box = torch.from_numpy(box_mask(cam, 0.5))
-    ref = (a @ (raw[0] * box).reshape(-1)).reshape(6, 12).clamp(min=0)
-    assert torch.allclose(got[0], (ref - ref.min()) / (ref.max() - ref.min()), atol=1e-5)
+    ref = (a @ (raw[0] * box).reshape(-1)).reshape(6, 12)  # raw: neither ReLU nor min-max (the original's)
+    assert torch.allclose(got[0], ref, atol=1e-5)
+    assert caa_refine(cams, torch.eye(72), 0.5, source=raw)[0, 1, 1] == -2.0  # no ReLU on the output
     assert not torch.allclose(got, caa_refine(cams, a, 0.5), atol=1e-3)
-    assert torch.allclose(caa_refine(cams, spread, 0.7), torch.zeros(1, 6, 12))  # flat result -> 0
+    flat = caa_refine(cams, spread, 0.7)  # every patch gets the mean of the strong blob's box
+    assert torch.allclose(flat, torch.full((1, 6, 12), 4.0 / 72))
 
 
 def test_cam_argmax_seeds_and_threshold_sweep():
-    cams = np.array([[[0.9, 0.2], [0.5, 0.1]], [[0.1, 0.7], [0.5, 0.3]]], np.float32)
+    cams = np.array([[[1.0, 0.2], [0.5, 0.0]], [[0.0, 1.0], [0.5, 0.3]]], np.float32)  # each spans [0, 1]
     seeds = cam_argmax_seeds(cams, [2, 5], 0.4)
     assert seeds.dtype == np.uint8 and seeds.tolist() == [[2, 5], [2, 0]]  # class tie -> lower index
-    assert cam_argmax_seeds(cams, [2, 5], 0.5).tolist() == [[2, 5], [0, 0]]  # tie with bg -> bg
+    # 0.5 scores 0.5 / (1 + 1e-7) (the original's min-max eps), just below a background of 0.5
+    assert cam_argmax_seeds(cams, [2, 5], 0.5).tolist() == [[2, 5], [0, 0]]
+    assert cam_argmax_seeds(cams, [2, 5], 0.5 - 1e-6).tolist() == [[2, 5], [2, 0]]
+    # raw maps of any scale and sign are scored first: ReLU, then per-map min-max (the original's cam2score)
+    raw = np.array([[[2e-3, -1e-3], [1e-3, -5e-3]], [[-4e-3, 3e-3], [1.5e-3, 0.9e-3]]], np.float32)
+    ref = np.maximum(raw, 0)
+    ref = (ref - ref.min((1, 2), keepdims=True)) / (ref.max((1, 2), keepdims=True) - ref.min((1, 2), keepdims=True)
+                                                      + 1e-7)  # [[1, 0], [.5, 0]] and [[0, 1], [.5, .3]]
+    expect = np.where(ref.max(0) > 0.4, np.array([2, 5])[ref.argmax(0)], 0)
+    assert cam_argmax_seeds(raw, [2, 5], 0.4).tolist() == expect.tolist() == [[2, 5], [5, 0]]
     assert cam_argmax_seeds(cams, [2, 5], 0.4, size=(4, 4)).shape == (4, 4)
     assert cam_argmax_seeds(np.zeros((0, 3, 3)), [], 0.5).tolist() == [[0] * 3] * 3
     with pytest.raises(FmalibError):
@@ -215,7 +228,7 @@ def test_run_cam_stage_caches_shards_and_resumes(tmp_path):
     run_cam_stage(params, "val", "hand", progress=False)  # everything cached: nothing rewritten
     assert c0.path(some).stat().st_mtime_ns == mtime
     raw = c0.load_npz(some)
-    assert raw["cam"].dtype == np.float16 and raw["cam_caa"].dtype == np.float16
+    assert raw["cam"].dtype == np.float32 and raw["cam_caa"].dtype == np.float32  # raw maps: float16 is too coarse
     cams, labels = load_cams(c0, some)
     assert cams.dtype == np.float32 and cams.shape[0] == len(labels) >= 1
     with pytest.raises(FmalibError, match="train_prompts"):

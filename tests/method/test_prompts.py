@@ -157,7 +157,7 @@ def test_schedule_sampling_and_augmentation():
     assert lr_at(55, 100, 1e-3, 10, 1e-5) == pytest.approx(5e-4) and lr_at(99, 100, 1e-3, 10, 1e-5) < 1e-6
     seen = batch_indices(10, 4, 0, 0) + batch_indices(10, 4, 1, 0) + batch_indices(10, 4, 2, 0)[:2]
     assert sorted(seen) == list(range(10))  # one epoch = one permutation
-    cfg = {"crop_size": 32, "long_side": [40, 48], "color_jitter": [0.4, 0.4, 0.4, 0.1], "flip": True}
+    cfg = {"crop_size": 32, "long_side": [40, 48], "color_jitter": {"brightness": 25.0, "contrast": [0.6, 1.4], "saturation": [0.5, 1.5], "hue": 25.0, "p": 0.5}, "flip": True}
     img = np.zeros((30, 20, 3), np.uint8)
     lab = np.zeros((30, 20), np.uint8)
     lab[:, 10:] = 1  # right half class 1

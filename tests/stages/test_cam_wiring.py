@@ -77,3 +77,40 @@ def test_gradcam_softmax_runs_over_present_classes_and_background(params, monkey
     expected[n_fg:] = True  # every background prompt
     assert allowed.shape == (1, k) and allowed[0].numpy().tolist() == expected.tolist()
     assert pair_class.tolist() == [label - 1 for label in labels]
+
+
+def test_raw_caa_maps_reach_sams_and_each_kind_reads_its_own_use_caa(params, tmp_path):
+    """The CAM stage stores image_cams' raw maps; the seeds stage feeds the CAA map of a kind whose
+    ``cam.use_caa`` is on (the plain Grad-CAM otherwise) through SAMS, which upsamples, ReLUs and normalises
+    them — equal to the plain reference loop of tests/method/test_sams.py on the raw map."""
+    from pycocotools import mask as mask_utils
+
+    from fmalib.data.labels import read_label_png
+    from fmalib.stages.masks import load_masks, run_mask_stage
+    from fmalib.stages.seeds import cam_loader, make_seeds
+    from tests.method.test_sams import reference_sams
+
+    p = load_params(params.to_dict(), {"cam.use_caa.hand": True, "cam.use_caa.cls": False,
+                                       "cam.caa_source.hand": "raw", "sams.bg_power.fine": 0.7})
+    torch.manual_seed(0)
+    model = load_clip_from_params(p)
+    cams = cams_stage.run_cam_stage(p, "train", "hand", (0, 1), model=model, progress=False)
+    masks = run_mask_stage(p, "train", (0, 1))
+    seeds = make_seeds(p, "train", cams, "fine", shard=(0, 1))
+    pset = build_prompts("hand", model, p)
+    with torch.no_grad():
+        text = pset()
+    for item in open_dataset(p, "train"):
+        direct = image_cams_module.image_cams(model, text, pset.n_fg, item["image"], item["labels"],
+                                              **cams_stage.cam_arguments(p, "hand"))
+        stored, labels = cam_loader(p, cams)[0](item["id"])
+        assert np.array_equal(stored, direct["cam_caa"])  # hand: use_caa on -> the raw CAA map, as computed
+        assert (stored.reshape(len(stored), -1).max(1) < 0.5).all()  # raw, not min-max'd: SAMS normalises
+        ms = load_masks(masks, item["id"])
+        dense = np.stack([mask_utils.decode(r).astype(bool) for r in ms.rles()]) if len(ms) else \
+            np.zeros((0, ms.height, ms.width), bool)
+        want, _ = reference_sams(stored, dense, ms.levels, labels, 0.7)
+        assert np.array_equal(read_label_png(seeds.path(item["id"])), want)
+    cls_cache = cams_stage.cam_cache(p, "train", "cls", save_context(build_prompts("cls", model, p),
+                                                                      tmp_path / "ctx.pt"))
+    assert cams_stage.caa_for(p, cls_cache) is False and cams_stage.caa_for(p, cams) is True

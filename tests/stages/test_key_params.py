@@ -17,7 +17,7 @@ from fmalib.pretrain import clip as pretrain_clip
 from fmalib.pretrain import sam as pretrain_sam
 from fmalib.segment.evaluate import _crf_settings, eval_cache
 from fmalib.segment.train import run_dir
-from fmalib.stages.cams import cam_cache
+from fmalib.stages.cams import caa_for, cam_cache
 from fmalib.stages.masks import mask_cache
 from fmalib.stages.prompt_runs import train_cache
 from fmalib.stages.seeds import bg_power_rule, cam_loader, seed_cache
@@ -42,7 +42,8 @@ def _cam(kind: str) -> set[str]:
 
 POWER_AUTO = {"sams.power_grid", "sams.confident_hi", "sams.confident_lo", "sams.power_images"}
 PROMPTS = {"seed", "clip.model", "classes.synonyms", "classes.bg_words", "prompts.n_ctx", "prompts.batch_size",
-           "prompts.momentum", "prompts.crop_size", "prompts.long_side", "prompts.color_jitter", "prompts.flip"}
+           "prompts.momentum", "prompts.crop_size", "prompts.long_side", "prompts.flip"} | {
+    f"prompts.color_jitter.{k}" for k in ("brightness", "contrast", "saturation", "hue", "p")}
 STAGE2 = {"seed"} | {f"stage2.{k}" for k in (
     "model", "backbone_depth", "weights", "norm", "freeze_at", "fpn_channels", "head_channels", "loss", "iters",
     "batch_size", "lr", "lr_schedule", "warmup_iters", "momentum", "weight_decay", "crop_size", "scale_range",
@@ -51,13 +52,14 @@ EXPECTED = {
     "masks": MASKS,
     "cam_hand": _cam("hand"), "cam_cls": _cam("cls"), "cam_seg": _cam("seg"),
     # seeds are keyed by their inputs' keys, so what changes the masks or the CAMs changes them too
-    "seeds_coarse": MASKS | _cam("cls") | {"cam.use_caa", "sams.levels", "sams.bg_power.coarse"} | POWER_AUTO,
-    "seeds_fine": MASKS | _cam("seg") | {"cam.use_caa", "sams.levels", "sams.bg_power.fine"} | POWER_AUTO,
-    "seeds_cam_argmax": _cam("cls") | {"cam.use_caa", "cam.bg_thresholds"},
+    "seeds_coarse": MASKS | _cam("cls") | {"cam.use_caa.cls", "sams.levels", "sams.bg_power.coarse"} | POWER_AUTO,
+    "seeds_fine": MASKS | _cam("seg") | {"cam.use_caa.seg", "sams.levels", "sams.bg_power.fine"} | POWER_AUTO,
+    "seeds_cam_argmax": _cam("cls") | {"cam.use_caa.cls", "cam.bg_thresholds"},
     "prompts_cls": PROMPTS | {f"prompts.cls.{k}" for k in (
-        "iters", "warmup_iters", "warmup_lr", "lr", "weight_decay", "init_std", "loss")},
+        "iters", "warmup_iters", "warmup_lr", "lr", "weight_decay", "init_std", "loss", "sub_batches", "cam_iter")},
     "prompts_seg": PROMPTS | {"cam.target", "cam.target_layer"} | {f"prompts.seg.{k}" for k in (
-        "iters", "warmup_iters", "warmup_lr", "lr", "weight_decay", "init_std", "layout", "pairs")},
+        "iters", "warmup_iters", "warmup_lr", "lr", "weight_decay", "init_std", "layout", "pairs", "sub_batches",
+        "cam_iter")},
     "stage2_train": STAGE2,
     "stage2_eval": {"stage2.test.scales", "stage2.test.flip", "stage2.test.crf"},  # crf.* only with the CRF on
     "pretrain_clip": {"clip.model"} | {f"foundation.clip.{k}" for k in (
@@ -80,7 +82,7 @@ CHOICES = {"masks.generator": "sam2", "sam.model_type": "vit_b", "clip.model": "
            "stage2.loss": "hard_pixel_mining", "stage2.lr_schedule": "cosine", "foundation.clip.pool": "class_token",
            "foundation.clip.patch_loss": "mil", "sam2.config": "sam2.1_hiera_s", "sam2.checkpoint": "sam2.pt",
            "stage2.labels": "seeds", "name": "other", "cam.max_side": 256,
-           "stage2.num_gpus": 2}
+           "stage2.num_gpus": 2, "prompts.cls.cam_iter": 100, "prompts.seg.cam_iter": 50}
 
 
 def _leaves(tree: dict, prefix: str = ""):
@@ -146,12 +148,11 @@ def stage_keys(params, tmp: Path) -> dict[str, str]:
     split, ctx, seeds = "train", tmp / "ctx.pt", tmp / "seeds"
     masks = mask_cache(params, split)
     cams = {k: cam_cache(params, split, k, None if k == "hand" else ctx) for k in ("hand", "cls", "seg")}
-    caa = bool(params["cam"]["use_caa"])
     out = {"masks": masks.key, **{f"cam_{k}": c.key for k, c in cams.items()}}
     for stage, kind in (("coarse", "cls"), ("fine", "seg")):
-        out[f"seeds_{stage}"] = seed_cache(params, split, stage, masks, cam_loader(cams[kind], caa)[1],
+        out[f"seeds_{stage}"] = seed_cache(params, split, stage, masks, cam_loader(params, cams[kind])[1],
                                            bg_power_rule(params, stage)).key
-    out["seeds_cam_argmax"] = cam_argmax_cache(params, split, cams["cls"], caa, params["cam"]["bg_thresholds"]).key
+    out["seeds_cam_argmax"] = cam_argmax_cache(params, split, cams["cls"], caa_for(params, cams["cls"]), params["cam"]["bg_thresholds"]).key
     out["prompts_cls"] = train_cache(params, "cls").key
     out["prompts_seg"] = train_cache(params, "seg", seeds).key
     out["stage2_train"] = run_dir(params, "seeds", seeds).name

@@ -24,7 +24,7 @@ def test_paper_params_apply_only_the_listed_departures():
 
 
 def test_orderings_read_the_params_caa_choice_and_flag_missing():
-    column = {"use_caa": False, "map_cls": 0.7, "map_hand": 0.9, "argmax_val_cls_no_caa": 0.5,
+    column = {"use_caa": {"hand": False, "cls": False, "seg": False}, "map_cls": 0.7, "map_hand": 0.9, "argmax_val_cls_no_caa": 0.5,
               "argmax_val_hand_no_caa": 0.4, "argmax_val_cls_caa": 0.3, "argmax_val_seg_no_caa": 0.6,
               "coarse_miou": 0.5, "cls_argmax_train_miou": 0.45, "fine_miou": 0.6, "seg_argmax_train_miou": 0.5}
     rows = {r["ordering"]: r for r in orderings(column)}
@@ -34,14 +34,21 @@ def test_orderings_read_the_params_caa_choice_and_flag_missing():
     assert (seeds["first"], seeds["second"], seeds["holds"]) == (0.5, 0.4, True)  # no-CAA numbers: params' choice
     assert rows["CAA > no CAA (cls CAMs, val CAM-argmax seeds)"]["holds"] is False
     assert rows["stage 2: ground truth > fine seeds (val)"]["holds"] is None  # stage 2 not run
-    with_caa = {r["ordering"]: r for r in orderings({**column, "use_caa": True, "argmax_val_hand_caa": 0.2})}
+    with_caa = {r["ordering"]: r for r in orderings({**column, "use_caa": {"hand": True, "cls": True, "seg": True},
+                                                     "argmax_val_hand_caa": 0.2})}
     assert with_caa["learned cls prompts > hand prompts (val CAM-argmax seeds, params' CAA)"]["first"] == 0.3
+    # each prompt kind's own cam.use_caa: cls CAMs refined, hand CAMs not
+    mixed = {r["ordering"]: r for r in orderings({**column, "use_caa": {"hand": False, "cls": True, "seg": False}})}
+    row = mixed["learned cls prompts > hand prompts (val CAM-argmax seeds, params' CAA)"]
+    assert (row["first"], row["second"]) == (0.3, 0.4)
+    row = mixed["seg prompts > cls prompts (val CAM-argmax seeds, params' CAA)"]
+    assert (row["first"], row["second"]) == (0.6, 0.3)
 
 
 def test_settings_table_has_both_columns(tmp_path):
     assert settings_table(tmp_path).empty  # notebook 07 not run
-    toy = {"use_caa": False, "coarse_miou": 0.5, "cls_argmax_train_miou": 0.4}
-    paper = {"use_caa": True, "coarse_miou": 0.3, "cls_argmax_train_miou": 0.35}
+    toy = {"use_caa": {"hand": False, "cls": False, "seg": False}, "coarse_miou": 0.5, "cls_argmax_train_miou": 0.4}
+    paper = {"use_caa": {"hand": True, "cls": True, "seg": True}, "coarse_miou": 0.3, "cls_argmax_train_miou": 0.35}
     record(tmp_path, "07_ablations", settings={"toy settings": toy, "paper settings": paper})
     table = settings_table(tmp_path).set_index("ordering")
     row = table.loc["SAMS > CAM argmax (coarse, train)"]
