@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -95,6 +94,8 @@ def check_device(device: str, where: str = "params") -> None:
     if not m:
         raise FmalibError(f"{where}: key device is {device!r}; expected cpu, cuda or cuda:N")
     if device.startswith("cuda"):
+        import torch  # here, not at the top: the CLI's --help loads params without torch
+
         if not torch.cuda.is_available():
             raise FmalibError(f"{where}: key device is {device!r} but CUDA is not available here; use device: cpu "
                               f"(or --device cpu)")

@@ -5,14 +5,20 @@ import logging
 import os
 from typing import Any, Mapping
 
-from ..core.device import seed_everything
-from ..core.params import Params, fast_overlay, load_params
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..core.params import Params
 
 
 def setup(params_path: str | os.PathLike, fast: bool = False, overrides: Mapping[str, Any] | None = None,
-          device: str | None = None) -> Params:
+          device: str | None = None) -> "Params":
     """Params for a run. ``fast`` applies the file's ``fast:`` overlay (a tiny slice for tests and smoke
     runs); explicit ``overrides`` (dotted keys, e.g. ``--set`` or papermill's) and ``device`` are applied last."""
+    # imported here: `python -m fmalib --help` loads this package without torch
+    from ..core.device import seed_everything
+    from ..core.params import fast_overlay, load_params
+
     merged: dict[str, Any] = {}
     origins: dict[str, str] = {}
     overlays = fast_overlay(load_params(params_path)) if fast else []

@@ -13,27 +13,15 @@ from pathlib import Path
 
 import yaml
 
-from ..core.cache import StageCache, atomic_write_text
 from ..core.errors import FmalibError
-from ..core.params import default_report_dir, load_params, repo_root
-from ..data import open_dataset
-from ..data.check import check_split, problems_error
-from ..pretrain.clip import pretrain_clip
-from ..pretrain.sam import pretrain_sam
-from ..segment.evaluate import evaluate_segmenter
-from ..segment.train import run_dir, train_segmenter
-from ..stages.cam_files import refine_cam_files
-from ..stages import pipeline
-from ..stages.masks import run_mask_stage
-from ..stages.prompts import train_prompts
-from ..stages.shards import check_shard, launcher_shard, resolve_shard
-from . import setup
-from .report import build_report
-from .reproduce import run_notebooks
+
+# Each subcommand imports its own stack (torch, detectron2, papermill) when it runs: `--help` stays instant.
 
 
 def parse_shard(text: str) -> tuple[int, int]:
     """'i/n' -> (i, n), 0 <= i < n."""
+    from ..stages.shards import check_shard
+
     try:
         return check_shard(tuple(int(x) for x in text.split("/")))
     except (ValueError, FmalibError):
@@ -52,10 +40,14 @@ def parse_overrides(items: list[str], flag: str = "--set") -> dict:
 
 
 def _params(args):
+    from . import setup
+
     return setup(args.params, fast=args.fast, overrides=args.overrides, device=args.device)
 
 
 def _out_dir(args) -> Path:
+    from ..core.params import default_report_dir, load_params
+
     return Path(args.out) if args.out else default_report_dir(load_params(args.params))
 
 
@@ -63,6 +55,9 @@ def _out_dir(args) -> Path:
 def data(args) -> None:
     """Open (and, for the synthetic benchmark, generate) both splits, check every image and label file, print
     their sizes and notes; every bad file of both splits is listed in one error."""
+    from ..data import open_dataset
+    from ..data.check import check_split, problems_error
+
     params = _params(args)
     problems = []
     for split in (params.data.train_split, params.data.val_split):
@@ -83,23 +78,53 @@ def data(args) -> None:
 
 
 def reproduce(args) -> None:
-    """Execute every notebook with papermill (cached by params + code + notebook source), then the report."""
+    """Run the study: every notebook this checkout has not run itself, the report, and a verdict against the
+    committed results.
+
+    Notebooks are keyed by params, code and notebook source; the console shows one line per notebook (ran or
+    reused, seconds, time left) and the verdict; the full log goes to reports/<name>/reproduce.log."""
+    from ..core.params import repo_relative
+    from .report import build_report
+    from .reproduce import notebook_paths, output_to_log, run_notebooks
+    from .verdict import write_verdict
+
     out = _out_dir(args)
     parameters = {"fast": bool(args.fast), "overrides": args.overrides}
     if args.device:
         parameters["device"] = args.device
-    for rec in run_notebooks(args.params, out, parameters=parameters, force=args.force):
-        print(f"{rec['notebook']:32s} {rec['status']:7s} {rec['seconds']:8.1f} s")
-    print(f"report: {build_report(out)}")
+    log_path = out / "reproduce.log"
+    n = len(notebook_paths())
+    print(f"fmalib reproduce: {n} notebooks -> {repo_relative(out)} (full log: {repo_relative(log_path)})",
+          flush=True)
+    done = []
+
+    def show(rec: dict) -> None:
+        done.append(rec)
+        how = "ran" if rec["status"] == "ran" else "reused (this checkout's earlier run)"
+        left = f"   about {rec['eta_s'] / 60:.0f} min left" if rec["eta_s"] >= 60 else ""
+        print(f"[{len(done):2d}/{n}] {rec['notebook']:28s} {how:38s} {rec['seconds']:7.1f} s{left}", flush=True)
+
+    with output_to_log(log_path):
+        records = run_notebooks(args.params, out, parameters=parameters, force=args.force, on_done=show)
+        report_path = build_report(out)
+        _, line = write_verdict(out, notebook_seconds={r["notebook"]: r["seconds"] for r in records})
+    print(f"report: {repo_relative(report_path)}; verdict: {repo_relative(out / 'reproduction.md')}")
+    print(line)
 
 
 def report(args) -> None:
     """Rebuild the HTML report from the executed notebooks' recorded results."""
+    from .report import build_report
+
     print(build_report(_out_dir(args)))
 
 
 def foundation(args) -> None:
     """Pretrain the tiny CLIP and SAM into assets/ and refresh assets/SHA256SUMS."""
+    from ..core.params import repo_root
+    from ..pretrain.clip import pretrain_clip
+    from ..pretrain.sam import pretrain_sam
+
     params = _params(args)
     pretrain_clip(params)
     pretrain_sam(params)
@@ -108,6 +133,8 @@ def foundation(args) -> None:
 
 def write_asset_manifest(assets_dir: Path) -> Path:
     """assets/SHA256SUMS in `sha256sum -c` format, so users can check the shipped weights."""
+    from ..core.cache import atomic_write_text
+
     lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}"
              for p in sorted(assets_dir.glob("*")) if p.is_file() and p.name != "SHA256SUMS"]
     return atomic_write_text(assets_dir / "SHA256SUMS", "\n".join(lines) + "\n")
@@ -116,6 +143,9 @@ def write_asset_manifest(assets_dir: Path) -> Path:
 def masks(args) -> None:
     """Multi-level SAM masks of a split (default: the train split), this process's shard (--shard, else
     torchrun's RANK / WORLD_SIZE or the SLURM array task, else every image)."""
+    from ..stages.masks import run_mask_stage
+    from ..stages.shards import resolve_shard
+
     params = _params(args)
     shard = resolve_shard(args.shard)
     cache = run_mask_stage(params, args.split or params.data.train_split, shard=shard, force=args.force)
@@ -125,6 +155,8 @@ def masks(args) -> None:
 def _one_process(command: str) -> None:
     """``prompts`` and ``seeds`` chain stages that each need the previous one complete: they run in one
     process, so several launcher processes would only repeat the work."""
+    from ..stages.shards import launcher_shard
+
     shard = launcher_shard()
     if shard is not None and shard[1] > 1:
         raise FmalibError(f"`{command}` runs in one process (each of its stages needs the previous one complete), "
@@ -135,6 +167,9 @@ def _one_process(command: str) -> None:
 
 def prompts(args) -> None:
     """Train cls prompts, then seg prompts on the coarse seeds (single process; the seeds stage runs between)."""
+    from ..stages import pipeline
+    from ..stages.prompts import train_prompts
+
     _one_process("prompts")
     params = _params(args)
     train_prompts(params, "cls", force=args.force)
@@ -143,6 +178,8 @@ def prompts(args) -> None:
 
 def seeds(args) -> None:
     """Coarse and fine SAMS seeds of the train split (masks, CAMs and seeds cached and resumed; one process)."""
+    from ..stages import pipeline
+
     _one_process("seeds")
     params = _params(args)
     for kind in ("coarse", "fine"):
@@ -152,6 +189,8 @@ def seeds(args) -> None:
 def sams(args) -> None:
     """Refine another method's CAMs (CLIP-ES .npy dicts or .npz files, one per image) with SAMS: palette-PNG
     pseudo-labels and summary.json in --out (masks computed or reused; one process)."""
+    from ..stages.cam_files import refine_cam_files
+
     _one_process("sams")
     params = _params(args)
     summary = refine_cam_files(params, args.cams, args.cam_format, args.out, split=args.split,
@@ -161,6 +200,9 @@ def sams(args) -> None:
 
 def stage2(args) -> None:
     """Train a Detectron2 segmenter on a label set (default: the ground truth), then evaluate it on val."""
+    from ..segment.evaluate import evaluate_segmenter
+    from ..segment.train import run_dir, train_segmenter
+
     params = _params(args)
     tag = args.tag or ("seeds" if args.labels else "gt")
     out = args.out or run_dir(params, tag, args.labels)
@@ -246,7 +288,7 @@ def _force_options(p: argparse.ArgumentParser) -> None:
 
 def _reproduce_options(p: argparse.ArgumentParser) -> None:
     _out(p)
-    p.add_argument("--force", action="store_true", help="rerun notebooks whose executed copy is current")
+    p.add_argument("--force", action="store_true", help="rerun notebooks this checkout has already run")
 
 
 # name -> (function, extra options)
@@ -258,12 +300,17 @@ COMMANDS = {
 }
 
 
+def summary(doc: str) -> str:
+    """A docstring's first paragraph as one line (argparse re-wraps it)."""
+    return " ".join(line.strip() for line in doc.strip().split("\n\n")[0].splitlines())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmalib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name, (func, options) in COMMANDS.items():
-        p = sub.add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__)
+        p = sub.add_parser(name, help=summary(func.__doc__), description=func.__doc__)
         _common(p)
         if options:
             options(p)
@@ -281,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fmalib {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from ..core.cache import StageCache
+
         cache = StageCache.last
         files = [p for p in cache.dir.iterdir() if not p.name.startswith(".") and p.name != "key.json"] \
             if cache is not None and cache.dir.is_dir() else []

@@ -64,7 +64,7 @@ def point_prompt_panels(model: Sam, sample) -> tuple[list[np.ndarray], list[str]
     for k, (m, sc) in enumerate(zip(masks, scores)):
         for level, name in enumerate(("subpart", "part", "whole")):
             panels.append(mask_mosaic(sample.image, m[level:level + 1], seed=k))
-            titles.append(f"object {k}: {name} (pred IoU {sc[level]:.2f})")
+            titles.append(f"object {k}: {name}\npredicted IoU {sc[level]:.2f}")
     return panels, titles
 
 

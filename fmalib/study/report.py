@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pandas as pd
+from bs4 import BeautifulSoup
 from nbconvert import HTMLExporter
 
 from ..core.cache import atomic_write_text
@@ -27,16 +28,56 @@ HEADLINE = [
 
 
 def headline_table(out_dir: str | os.PathLike) -> pd.DataFrame:
-    """mIoU (%) per headline row; NaN where that notebook has not recorded it yet."""
+    """Per headline row its value and unit (mIoU in %, and stage 2's seeds / ground truth in % of the latter);
+    NaN where that notebook has not recorded it yet."""
     results = read_results(out_dir)
-    rows = [{"result": label, "mIoU (%)": 100 * float(lookup(results, g, k, float("nan")))}
+    rows = [{"result": label, "value": 100 * float(lookup(results, g, k, float("nan"))), "unit": "mIoU (%)"}
             for g, k, label in HEADLINE]
-    table = pd.DataFrame(rows)
     seeds, gt = lookup(results, "08_stage2", "seeds_val_miou"), lookup(results, "08_stage2", "gt_val_miou")
     if seeds is not None and gt is not None and gt > 0:
-        ratio = pd.DataFrame([{"result": "Stage 2 seeds / ground truth (ratio, %)", "mIoU (%)": 100 * seeds / gt}])
-        table = pd.concat([table, ratio], ignore_index=True)
-    return table
+        rows.append({"result": "Stage 2 on seeds relative to stage 2 on ground truth", "value": 100 * seeds / gt,
+                     "unit": "% of ground truth"})
+    return pd.DataFrame(rows)
+
+
+def styled(table: pd.DataFrame, digits: int = 1, name: str = "table"):
+    """How the notebooks and the report show a table: no index, ``digits`` decimals, "not run" for a missing
+    number, and a fixed element id (pandas' Styler draws a random one, which would change every rerun)."""
+    return (table.style.format(precision=digits, na_rep="not run").hide(axis="index")
+            .set_uuid(name))
+
+
+def with_alt_text(html: str) -> str:
+    """Each figure's alt text names the section it illustrates (the nearest heading above it), instead of
+    nbconvert's "No description has been provided"."""
+    soup = BeautifulSoup(html, features="html.parser")
+    heading = "the study"
+    for elem in soup.find_all(["h1", "h2", "h3", "img"]):
+        if elem.name == "img":
+            elem["alt"] = f"Figure of the section: {heading}"
+        else:
+            heading = elem.get_text(" ", strip=True).rstrip("¶").strip()
+    return str(soup)
+
+
+def key_value_table(mapping: dict, prefix: str = "") -> pd.DataFrame:
+    """A (nested) settings mapping as rows of dotted key and value, for display (no raw dict reprs)."""
+    rows = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += key_value_table(value, name + ".").to_dict("records")
+        else:
+            shown = f"{value:g}" if isinstance(value, float) else \
+                (", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
+            rows.append({"key": name, "value": shown})
+    return pd.DataFrame(rows, columns=["key", "value"])
+
+
+def numbers_table(columns: dict[str, dict]) -> pd.DataFrame:
+    """Settings columns ({name: settings_column(...)}) as one table of their numbers, one row per number."""
+    keys = list(dict.fromkeys(k for c in columns.values() for k, v in c.items() if isinstance(v, float)))
+    return pd.DataFrame([{"number": k, **{name: c.get(k) for name, c in columns.items()}} for k in keys])
 
 
 def build_report(out_dir: str | os.PathLike) -> Path:
@@ -46,26 +87,28 @@ def build_report(out_dir: str | os.PathLike) -> Path:
     executed = sorted(out.glob("[0-9][0-9]_*.ipynb"))
     if not executed:
         raise FmalibError(f"no executed notebooks in {out}; run `make reproduce` first")
-    table = headline_table(out)
     merged = nbformat.v4.new_notebook()
     merged.cells.append(nbformat.v4.new_markdown_cell(
         f"# FMA-WSSS study report: `{out.name}`\n\n## Headline\n\n"
-        + table.to_html(index=False, float_format="%.1f", na_rep="not run")
+        + styled(headline_table(out), 1, "headline").to_html()
         + "\n\n## Does the paper's ordering hold here?\n\n"
-        + ordering_check(out).to_html(index=False, float_format="%.3f", na_rep="–")
+        + styled(ordering_check(out), 3, "orderings").to_html()
         + "\n\n## The same orderings under the toy's settings and the paper's (notebook 07)\n\n"
-        + settings_table(out).to_html(index=False, float_format="%.3f", na_rep="–")))
+        + styled(settings_table(out), 3, "settings").to_html()))
     for path in executed:
         nb = nbformat.read(path, as_version=4)
-        merged.cells.append(nbformat.v4.new_markdown_cell(f"---\n\n# {path.stem}"))
+        merged.cells.append(nbformat.v4.new_markdown_cell("---"))  # each notebook's own title follows
         for cell in nb.cells:
             if {"parameters", "injected-parameters"} & set(cell.get("metadata", {}).get("tags", [])):
                 continue
             if cell.cell_type == "code":  # progress bars and logs are for the terminal, not the reader
                 cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
             merged.cells.append(cell)
+    for i, cell in enumerate(merged.cells):
+        cell.id = f"cell-{i}"  # nbformat draws random ids for new cells: fixed ones keep the report's bytes
     body, _ = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
                            exclude_output_prompt=True).from_notebook_node(merged)
+    body = with_alt_text(body)
     target = out / "report.html"
     atomic_write_text(target, body)
     log.info("wrote %s (%d notebooks)", target, len(executed))
@@ -90,37 +133,60 @@ CLAIMS = [
      ("08_stage2", "seeds_val_miou")),
 ]
 
-# (setting, results group, key): the ablation table of notebook 07, gathered from the stage notebooks.
+# (split, group, variant, results group, key): the ablation table and figure of notebook 07, gathered from the
+# stage notebooks. Val rows are CAM-argmax seeds of each prompt set (the CLIP-ES protocol); train rows are the
+# seeds each CAM set gives under each seeding rule. Variants name the seed kind (viz.SEED_COLORS).
 ABLATIONS = [
-    ("CLIP-ES hand prompts, CAM argmax (val)", "03_cls_prompts", "hand_seed_miou"),
-    ("hand prompts + CAA, CAM argmax (val)", "03_cls_prompts", "hand_caa_seed_miou"),
-    ("cls prompts, CAM argmax, no CAA (val)", "03_cls_prompts", "cls_seed_miou"),
-    ("cls prompts + CAA, CAM argmax (val)", "03_cls_prompts", "cls_caa_seed_miou"),
-    ("seg prompts + CAA, CAM argmax (val)", "05_seg_prompts", "seg_caa_seed_miou"),
-    ("cls CAMs, CAM argmax (train)", "04_coarse_seeds", "cam_argmax_miou"),
-    ("cls CAMs + SAMS = coarse seeds (train)", "04_coarse_seeds", "coarse_seed_miou"),
-    ("coarse seeds, bg power tuned on GT (train)", "04_coarse_seeds", "gt_best_miou"),
-    ("seg CAMs + SAMS = fine seeds (train)", "06_fine_seeds", "fine_seed_miou"),
-    ("fine seeds, bg power tuned on GT (train)", "06_fine_seeds", "gt_best_miou"),
-    ("fine seeds, SAM whole masks only (train)", "07_ablations", "levels_whole_miou"),
-    ("fine seeds, whole + part (train)", "07_ablations", "levels_whole_part_miou"),
-    ("cls prompts, bg prompts as the loss's negatives (ablation), CAM argmax, no CAA (val)", "07_ablations",
-     "bg_negatives_cls_seed_miou"),
-    ("cls prompts, bg prompts as the loss's negatives (ablation), + CAA (val)", "07_ablations",
+    ("val", "hand prompts (CLIP-ES)", "CAM argmax", "03_cls_prompts", "hand_seed_miou"),
+    ("val", "hand prompts (CLIP-ES)", "CAM argmax + CAA", "03_cls_prompts", "hand_caa_seed_miou"),
+    ("val", "cls prompts", "CAM argmax", "03_cls_prompts", "cls_seed_miou"),
+    ("val", "cls prompts", "CAM argmax + CAA", "03_cls_prompts", "cls_caa_seed_miou"),
+    ("val", "cls prompts, bg prompts as negatives", "CAM argmax", "07_ablations", "bg_negatives_cls_seed_miou"),
+    ("val", "cls prompts, bg prompts as negatives", "CAM argmax + CAA", "07_ablations",
      "bg_negatives_cls_caa_seed_miou"),
+    ("val", "seg prompts", "CAM argmax", "05_seg_prompts", "seg_seed_miou"),
+    ("val", "seg prompts", "CAM argmax + CAA", "05_seg_prompts", "seg_caa_seed_miou"),
+    ("train", "cls CAMs (coarse)", "CAM argmax", "04_coarse_seeds", "cam_argmax_miou"),
+    ("train", "cls CAMs (coarse)", "SAMS, p without GT", "04_coarse_seeds", "coarse_seed_miou"),
+    ("train", "cls CAMs (coarse)", "SAMS, p best on GT", "04_coarse_seeds", "gt_best_miou"),
+    ("train", "seg CAMs (fine)", "CAM argmax", "06_fine_seeds", "cam_argmax_miou"),
+    ("train", "seg CAMs (fine)", "SAMS, p without GT", "06_fine_seeds", "fine_seed_miou"),
+    ("train", "seg CAMs (fine)", "SAMS, p best on GT", "06_fine_seeds", "gt_best_miou"),
+    ("train", "seg CAMs (fine)", "SAMS, whole masks only", "07_ablations", "levels_whole_miou"),
+    ("train", "seg CAMs (fine)", "SAMS, whole + part", "07_ablations", "levels_whole_part_miou"),
 ]
 
 
-for _g, _k in [(g, k) for g, k, _ in HEADLINE] + [(g, k) for _, g, k in ABLATIONS] \
+for _g, _k in [(g, k) for g, k, _ in HEADLINE] + [(g, k) for *_, g, k in ABLATIONS] \
         + [pair for _, *pairs in CLAIMS for pair in pairs]:
     check_field(_g, _k)  # a misspelt name fails on import, not as a silent "not run"
 
 
 def ablation_table(out_dir: str | os.PathLike) -> pd.DataFrame:
-    """Seed mIoU (%) per ablation setting, from the results the notebooks recorded; NaN = not run."""
+    """Seed mIoU (%) per ablation row (split, CAMs or prompts, seed kind), from the results the notebooks
+    recorded; NaN = not run."""
     results = read_results(out_dir)
-    return pd.DataFrame([{"setting": name, "mIoU (%)": 100 * float(lookup(results, g, k, float("nan")))}
-                         for name, g, k in ABLATIONS])
+    return pd.DataFrame([{"split": split, "CAMs": group, "seeds": variant,
+                          "mIoU (%)": 100 * float(lookup(results, g, k, float("nan")))}
+                         for split, group, variant, g, k in ABLATIONS])
+
+
+def ablation_figure(table: pd.DataFrame):
+    """The ablation table as two panels of grouped horizontal bars — CAM-argmax seeds on val, seeds on train
+    — never one axis for both splits; a row not run is left out."""
+    import matplotlib.pyplot as plt
+
+    from .viz import grouped_hbars
+
+    parts = {split: table[(table["split"] == split) & table["mIoU (%)"].notna()] for split in ("val", "train")}
+    fig, axes = plt.subplots(2, 1, figsize=(9, 0.32 * sum(map(len, parts.values())) + 2.8),
+                             height_ratios=[max(1, len(p)) for p in parts.values()])
+    titles = {"val": "CAM-argmax seeds per prompt set (val)", "train": "Seeds per CAM set and seeding rule (train)"}
+    for ax, (split, part) in zip(axes, parts.items()):
+        grouped_hbars(part, "CAMs", "seeds", "mIoU (%)", titles[split], "seed mIoU against ground truth (%)", ax=ax)
+    fig.suptitle("Ablations: what each ingredient buys", fontweight="bold")
+    fig.tight_layout()
+    return fig
 
 
 def settings_table(out_dir: str | os.PathLike) -> pd.DataFrame:
@@ -136,12 +202,20 @@ def settings_table(out_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.concat(parts, axis=1).reset_index() if parts else pd.DataFrame()
 
 
+def ordering_verdicts(results: dict) -> list[str]:
+    """Per CLAIMS entry: "holds", "does NOT hold", or "not run" where a number is missing."""
+    out = []
+    for _claim, (g1, k1), (g2, k2) in CLAIMS:
+        a, b = lookup(results, g1, k1), lookup(results, g2, k2)
+        out.append("not run" if a is None or b is None else ("holds" if a > b else "does NOT hold"))
+    return out
+
+
 def ordering_check(out_dir: str | os.PathLike) -> pd.DataFrame:
     """Does each ordering the paper claims hold in this run? 'not run' where a number is missing."""
     results = read_results(out_dir)
     rows = []
-    for claim, (g1, k1), (g2, k2) in CLAIMS:
-        a, b = lookup(results, g1, k1), lookup(results, g2, k2)
-        verdict = "not run" if a is None or b is None else ("holds" if a > b else "does NOT hold")
-        rows.append({"claim": claim, "larger": a, "smaller": b, "verdict": verdict})
+    for (claim, (g1, k1), (g2, k2)), verdict in zip(CLAIMS, ordering_verdicts(results)):
+        rows.append({"claim": claim, "larger": lookup(results, g1, k1), "smaller": lookup(results, g2, k2),
+                     "verdict": verdict})
     return pd.DataFrame(rows)

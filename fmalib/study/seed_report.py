@@ -29,8 +29,15 @@ def power_criterion_figure(seeds: SeedSet):
     table = seeds.power_table
     if table is None:
         return None
-    return table.plot(x="bg_power", y=["fg_agreement", "bg_agreement", "balanced_agreement"], marker="o",
-                      logx=True, figsize=(5, 3), title="GT-free criterion").get_figure()
+    ax = table.plot(x="bg_power", y=["fg_agreement", "bg_agreement", "balanced_agreement"], marker="o",
+                    logx=True, figsize=(5.5, 3.2), title="Background power p: the GT-free criterion")
+    ax.axvline(seeds.bg_power, color="k", linestyle="--", linewidth=1)
+    ax.annotate(f"chosen p = {seeds.bg_power:g}", (seeds.bg_power, 0.02), xycoords=("data", "axes fraction"),
+                xytext=(4, 0), textcoords="offset points", fontsize=8)
+    ax.set_xlabel("background power p (log scale)")
+    ax.set_ylabel("hit rate on confident CAM pixels (0–1)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return ax.get_figure()
 
 
 @dataclass
@@ -60,7 +67,9 @@ class SeedReport:
 
     def per_class_figure(self):
         long = pd.concat([t.assign(seeds=k) for k, t in self.tables.items()], ignore_index=True)
-        return viz.per_class_bars(long, value="iou", by="class", hue="seeds", title=f"{self.run.kind} seeds: IoU per class")
+        return viz.per_class_bars(long, value="iou", by="class", hue="seeds", ylabel="IoU against ground truth (0–1)",
+                                  title=f"{self.run.kind} seeds: IoU per class ({self.run.split})",
+                                  palette={k: viz.seed_color(k) for k in self.tables})
 
     def examples_figure(self, n: int = 4):
         """Image, GT, CAM heat map, then every seed set of the report, for the first ``n`` images."""
@@ -73,7 +82,8 @@ class SeedReport:
             images, tt = seed_panels(item, cams, labels, seeds)
             rows += images
             titles += tt
-        return viz.image_grid(rows, titles, ncols=3 + len(self.folders))
+        return viz.image_grid(rows, titles, ncols=3 + len(self.folders),
+                              class_names=["background", *self.dataset.class_names])
 
     def results(self) -> dict:
         """The fields notebooks 04 / 06 record (fmalib.study.results.SCHEMA)."""

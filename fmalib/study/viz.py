@@ -45,8 +45,9 @@ def mask_mosaic(image: np.ndarray, masks: np.ndarray, seed: int = 0) -> np.ndarr
 
 
 def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None, ncols: int = 4,
-               size: float = 1.6):
-    """A figure showing images in a grid, axes off."""
+               size: float = 1.6, class_names: Sequence[str] | None = None):
+    """A figure showing images in a grid, axes off; with ``class_names`` (background first), a key of the
+    label colours below it."""
     n = len(images)
     nrows = max(1, -(-n // ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
@@ -58,18 +59,69 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
     fig.tight_layout()
+    if class_names is not None:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(facecolor=_PALETTE[i] / 255, edgecolor="k", linewidth=0.3, label=name)
+                   for i, name in enumerate(class_names)]
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 8),
+                   fontsize=8, frameon=False, title="label colours")
     return fig
 
 
-def per_class_bars(table, value: str = "iou", by: str = "class", hue: str | None = None, title: str = ""):
-    """Bar chart of a per-class table (e.g. fmalib.method.metrics.iou_table), optionally split by `hue`."""
+def per_class_bars(table, value: str = "iou", by: str = "class", hue: str | None = None, title: str = "",
+                   ylabel: str | None = None, palette: dict | None = None):
+    """Bar chart of a per-class table (e.g. fmalib.method.metrics.iou_table), optionally split by `hue` (legend
+    beside the axes, off the bars)."""
 
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * table[by].nunique() + 2), 3))
-    sns.barplot(data=table, x=by, y=value, hue=hue, ax=ax)
+    sns.barplot(data=table, x=by, y=value, hue=hue, ax=ax, palette=palette)
     ax.set_title(title)
+    ax.set_xlabel(by)
+    ax.set_ylabel(ylabel or value)
     ax.tick_params(axis="x", rotation=45)
+    if hue is not None:
+        ax.legend(title=hue, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
+
+
+# One colour per seed kind, in every figure that compares them.
+SEED_COLORS = {"CAM argmax": "#8c8c8c", "CAM argmax + CAA": "#4c72b0", "SAMS, p without GT": "#dd8452",
+               "SAMS, p best on GT": "#c44e52", "SAMS, whole masks only": "#55a868", "SAMS, whole + part": "#8172b3",
+               "SAMS coarse seeds": "#dd8452", "SAMS fine seeds": "#da8bc3"}
+
+
+def seed_color(name: str) -> str:
+    """The colour of a seed set by its name (a "CAM argmax (…)" row is the CAM argmax's)."""
+    return SEED_COLORS.get(name) or (SEED_COLORS["CAM argmax"] if name.startswith("CAM argmax") else "#64b5cd")
+
+
+def grouped_hbars(table, group: str, variant: str, value: str, title: str, xlabel: str, ax=None,
+                  colors: dict | None = None):
+    """Horizontal bars: one block per ``group`` value (top to bottom in table order) holding a bar per row,
+    coloured by its ``variant`` (``colors``; legend beside the axis), the value printed at each bar's end."""
+    colors = colors or SEED_COLORS
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 0.4 * len(table) + 1.2))
+    y, ticks, labels, seen = 0.0, [], [], set()
+    for g, rows in table.groupby(group, sort=False):
+        ys = [y + i for i in range(len(rows))]
+        for yy, (_, row) in zip(ys, rows.iterrows()):
+            v = row[variant]
+            ax.barh(yy, row[value], height=0.85, color=colors.get(v), label=None if v in seen else v)
+            seen.add(v)
+            ax.text(row[value] + 0.8, yy, f"{row[value]:.1f}", va="center", fontsize=8)
+        ticks.append(sum(ys) / len(ys))
+        labels.append(g)
+        y += len(rows) + 0.8
+    ax.set_yticks(ticks, labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="seeds")
+    return ax
 
 
 def savefig(fig, out_dir: str | os.PathLike, name: str) -> Path:
