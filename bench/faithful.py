@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import shutil
 import tempfile
@@ -35,7 +36,7 @@ import fmalib.method.image_cams as image_cams_mod
 import fmalib.models.clip as clip_mod
 import fmalib.stages.cams as cams_stage
 from fmalib import study
-from fmalib.core.params import load_params
+from fmalib.core.params import load_params, repo_root
 from fmalib.method.scores import min_max_norm
 from fmalib.stages.cam_argmax import argmax_seed_miou
 from fmalib.study.compare import settings_column
@@ -118,15 +119,20 @@ def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params/toy.yaml")
     ap.add_argument("--skip-jitter", action="store_true", help="only the CAM details (no prompt training)")
+    ap.add_argument("--skip-cam", action="store_true",
+                    help="only the colour jitter; the CAM details are kept from reports/bench/faithful.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     params = study.setup(args.params)
     t0 = time.perf_counter()
     out: dict = {"params": args.params, "unit": "val mIoU (%) of hand-prompt CAM-argmax seeds", "details": {}}
     root = tempfile.mkdtemp(prefix="fmalib-faithful-")
+    if args.skip_cam:
+        kept = json.loads((repo_root() / "reports" / "bench" / "faithful.json").read_text())["details"]
+        out["details"].update({k: v for k, v in kept.items() if k != "color_jitter"})
     try:
-        original = hand_seeds(params, f"{root}/original")
-        for name, before in variant_contexts().items():
+        original = None if args.skip_cam else hand_seeds(params, f"{root}/original")
+        for name, before in ({} if args.skip_cam else variant_contexts()).items():
             with before():
                 replaced = hand_seeds(params, f"{root}/{name}")
             out["details"][name] = {"original": original, "replaced": replaced}

@@ -58,9 +58,8 @@ Choosing the background power p without ground truth
 ----------------------------------------------------
 ``choose_bg_power`` picks the p that maximises the *balanced agreement* of the SAMS labels with the pixels
 the CAMs themselves are sure about, on a sample of training images: confident-foreground pixels (the CAM
-of class c, upsampled, ReLU'd and normalised by its maximum, is the top class there and >= ``hi``) should
-get label c, and
-confident-background pixels (every normalised CAM <= ``lo``) should get background; the criterion is the
+of class c, upsampled and scored as everywhere else — ReLU, then min-max — is the top class there and
+>= ``hi``) should get label c, and confident-background pixels (every score <= ``lo``) should get background; the criterion is the
 mean of the two hit rates, and on a plateau of equal values its middle p is taken. Raising p lowers every
 mask's background score, so masks turn foreground: the first rate rises and the second falls (up to
 changes of painting order), and the criterion settles where SAM's regions agree best with both ends of the
@@ -306,17 +305,18 @@ def check_confident(hi: float, lo: float) -> None:
 
 def confident_pixels(cam: np.ndarray, image_labels: np.ndarray, hi: float, lo: float
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """The CAM's sure pixels, CAMs (ReLU) normalised by their max: (sure-fg map uint8 (H, W) holding the top
-    class where its CAM >= hi and 0 elsewhere, sure-bg bool (H, W) where every CAM <= lo). No present class
-    (K = 0): nothing is sure foreground and every pixel sure background."""
+    """The CAM's sure pixels, each class's map scored as every consumer scores it (``scores.min_max_norm``:
+    ReLU, then min-max — a raw map with a positive floor must not look sure everywhere): (sure-fg map uint8
+    (H, W) holding the top class where its score >= hi and 0 elsewhere, sure-bg bool (H, W) where every score
+    <= lo). No present class (K = 0): nothing is sure foreground and every pixel sure background."""
     check_confident(hi, lo)
-    pos = np.maximum(np.asarray(cam, np.float32), 0)
-    peak = pos.reshape(len(pos), -1).max(axis=1) if pos.size else np.zeros(0, np.float32)
-    norm = pos / np.where(peak > 0, peak, 1.0)[:, None, None]
-    best = norm.max(axis=0, initial=0.0)
-    if not len(norm):
+    cam = np.asarray(cam, np.float32)
+    if not len(cam):
+        best = np.zeros(cam.shape[1:], np.float32)
         return np.zeros(best.shape, np.uint8), best <= lo
-    arg = np.argmax(norm, axis=0) if len(norm) else np.zeros(best.shape, np.int64)
+    norm = min_max_norm(cam)
+    best = norm.max(axis=0)
+    arg = np.argmax(norm, axis=0)
     fg = np.where(best >= hi, np.r_[0, image_labels][arg + 1], 0).astype(np.uint8)
     return fg, best <= lo
 

@@ -146,7 +146,10 @@ def load_segmenter(params, model_dir: str | os.PathLike, device: str | None = No
     model_dir = Path(model_dir)
     weights = model_dir / "model_final.pth"
     if not weights.is_file():
-        raise FmalibError(f"{weights} does not exist: train first (fmalib.segment.train_segmenter)")
+        where = getattr(params, "path", None) or "<params.yaml>"
+        raise FmalibError(f"{weights} does not exist: train the run first — `python -m fmalib stage2 --params "
+                          f"{where}` with this run's --labels / --set options and without --eval-only "
+                          f"(or fmalib.segment.train_segmenter)")
     cfg = load_config(model_dir / "config.yaml", device=device or str(params["device"]))
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(weights))

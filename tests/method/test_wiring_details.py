@@ -10,6 +10,7 @@ import torch
 from fmalib.method.caa import scoremap_boxes
 from fmalib.method.losses import cam_activation_loss_pairs
 from fmalib.method.sams import confident_pixels, power_agreement, sams_prepare, sams_seed
+from fmalib.method.scores import min_max_norm
 from fmalib.method.seed_rules import bg_threshold_sweep, cam_argmax_seeds
 
 
@@ -27,10 +28,11 @@ def test_cam_loss_gradient_treats_the_peak_as_a_constant():
 
 
 def _reference_agreement(cam, masks, levels, labels, powers, hi, lo):
-    """The criterion by its definition, a pixel at a time: each class's CAM ReLU'd and divided by its max; a
-    pixel is sure foreground of class c when c's map is the top one there and >= hi, sure background when
+    """The criterion by its definition, a pixel at a time: each class's CAM ReLU'd, then min-max scaled as the
+    original's cam2score, (x - min) / (max - min + 1e-7); a pixel is sure foreground of class c when c's map is the top one there and >= hi, sure background when
     every map is <= lo; per p, the share of sure pixels SAMS labels that way, then the mean of the two."""
-    norm = np.stack([np.maximum(c, 0) / np.maximum(c, 0).max() for c in cam])
+    pos = [np.maximum(c.astype(np.float64), 0) for c in cam]
+    norm = np.stack([(c - c.min()) / (c.max() - c.min() + 1e-7) for c in pos])
     rows = []
     for p in powers:
         label, _ = sams_seed(cam, masks, levels, labels, p)
@@ -53,6 +55,7 @@ def test_bg_power_criterion_counts_every_class():
     cam = np.zeros((2, h, w), np.float32)
     cam[0, 1:6, 1:6], cam[0, 2:5, 2:5] = 0.5, 1.0  # class 3: strong core, weak rim
     cam[1, 4:9, 8:13], cam[1, 5:8, 9:12] = 0.3, 2.0  # class 5: another scale; its rim is sure only at lo hi
+    cam[1] += 0.2  # and a positive floor (a raw map): divided by its max alone, nothing would be sure bg
     masks = np.zeros((5, h, w), bool)
     masks[0, 2:5, 2:5] = masks[1, 1:6, 1:6] = True
     masks[2, 5:8, 9:12] = masks[3, 4:9, 8:13] = True
@@ -71,10 +74,14 @@ def test_threshold_boundaries_strict_or_not_as_the_original():
     assert scoremap_boxes(score, 0.4) == [(1, 1, 2, 2)]
     score[1, 5] = 103 / 255 + 1e-6
     assert scoremap_boxes(score, 0.4) == [(1, 1, 2, 2), (5, 1, 6, 2)]
-    # sure pixels: >= hi and <= lo, both inclusive
-    cam = np.array([[[1.0, 0.7, 0.6999, 0.1, 0.1001]]], np.float32)
-    fg, bg = confident_pixels(cam, np.array([4]), hi=0.7, lo=0.1)
-    assert fg.tolist() == [[4, 4, 0, 0, 0]] and bg.tolist() == [[False, False, False, True, False]]
+    # sure pixels: >= hi and <= lo, both inclusive (the thresholds placed exactly on two pixels' scores)
+    cam = np.array([[[1.0, 0.7, 0.6999, 0.1, 0.1001, 0.0]]], np.float32)
+    on = min_max_norm(cam)[0, 0]
+    fg, bg = confident_pixels(cam, np.array([4]), hi=float(on[1]), lo=float(on[3]))
+    assert fg.tolist() == [[4, 4, 0, 0, 0, 0]] and bg.tolist() == [[False, False, False, True, False, True]]
+    # scored as min-max, not divided by the max: a floor of 0.5 makes the 0.75 pixel the map's middle
+    fg, bg = confident_pixels(np.array([[[1.0, 0.75, 0.5]]], np.float32), np.array([2]), hi=0.6, lo=0.1)
+    assert fg.tolist() == [[2, 0, 0]] and bg.tolist() == [[False, False, True]]
     # CAM argmax: a class beats the background threshold only strictly, in the seeds and in the sweep alike
     cams = np.array([[[0.0, 0.25, 0.5, 1.0]]], np.float32)
     t = float(np.float32(0.5) / np.float32(1 + 1e-7))  # the score of 0.5 after min-max with the 1e-7
