@@ -17,7 +17,8 @@ import torch
 import fmalib.study
 from fmalib.core.params import load_params
 from fmalib.study.cli import parse_overrides
-from fmalib.study.compare import orderings, paper_params, settings_column
+from fmalib.study.compare import paper_params, settings_column
+from fmalib.study.orderings import orderings
 from fmalib.study.results import write_bench
 
 

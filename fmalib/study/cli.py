@@ -84,7 +84,7 @@ def reproduce(args) -> None:
     Notebooks are keyed by params, code and notebook source; the console shows one line per notebook (ran or
     reused, seconds, time left) and the verdict; the full log goes to reports/<name>/reproduce.log."""
     from ..core.params import repo_relative
-    from .report import build_report
+    from .report_html import build_report
     from .reproduce import notebook_paths, output_to_log, run_notebooks
     from .verdict import write_verdict
 
@@ -114,7 +114,7 @@ def reproduce(args) -> None:
 
 def report(args) -> None:
     """Rebuild the HTML report from the executed notebooks' recorded results."""
-    from .report import build_report
+    from .report_html import build_report
 
     print(build_report(_out_dir(args)))
 

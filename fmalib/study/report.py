@@ -1,19 +1,16 @@
-"""reports/<name>/report.html: the executed notebooks without code, led by the headline table."""
+"""The study's tables and the ablation figure, from the results the notebooks recorded: the headline, the
+paper's orderings, the settings columns, the ablations (report.html itself: ``fmalib.study.report_html``)."""
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
-import nbformat
+import matplotlib.pyplot as plt
 import pandas as pd
-from bs4 import BeautifulSoup
-from nbconvert import HTMLExporter
 
-from ..core.cache import atomic_write_text
-from ..core.errors import FmalibError
-from .compare import orderings
+from .orderings import orderings
 from .results import check_field, lookup, read_results
+from .viz import grouped_hbars
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +44,6 @@ def styled(table: pd.DataFrame, digits: int = 1, name: str = "table"):
             .set_uuid(name))
 
 
-def with_alt_text(html: str) -> str:
-    """Each figure's alt text names the section it illustrates (the nearest heading above it), instead of
-    nbconvert's "No description has been provided"."""
-    soup = BeautifulSoup(html, features="html.parser")
-    heading = "the study"
-    for elem in soup.find_all(["h1", "h2", "h3", "img"]):
-        if elem.name == "img":
-            elem["alt"] = f"Figure of the section: {heading}"
-        else:
-            heading = elem.get_text(" ", strip=True).rstrip("¶").strip()
-    return str(soup)
-
-
 def key_value_table(mapping: dict, prefix: str = "") -> pd.DataFrame:
     """A (nested) settings mapping as rows of dotted key and value, for display (no raw dict reprs)."""
     rows = []
@@ -78,41 +62,6 @@ def numbers_table(columns: dict[str, dict]) -> pd.DataFrame:
     """Settings columns ({name: settings_column(...)}) as one table of their numbers, one row per number."""
     keys = list(dict.fromkeys(k for c in columns.values() for k, v in c.items() if isinstance(v, float)))
     return pd.DataFrame([{"number": k, **{name: c.get(k) for name, c in columns.items()}} for k in keys])
-
-
-def build_report(out_dir: str | os.PathLike) -> Path:
-    """Concatenate the executed notebooks (inputs hidden) under the headline table into report.html."""
-
-    out = Path(out_dir)
-    executed = sorted(out.glob("[0-9][0-9]_*.ipynb"))
-    if not executed:
-        raise FmalibError(f"no executed notebooks in {out}; run `make reproduce` first")
-    merged = nbformat.v4.new_notebook()
-    merged.cells.append(nbformat.v4.new_markdown_cell(
-        f"# FMA-WSSS study report: `{out.name}`\n\n## Headline\n\n"
-        + styled(headline_table(out), 1, "headline").to_html()
-        + "\n\n## Does the paper's ordering hold here?\n\n"
-        + styled(ordering_check(out), 3, "orderings").to_html()
-        + "\n\n## The same orderings under the toy's settings and the paper's (notebook 07)\n\n"
-        + styled(settings_table(out), 3, "settings").to_html()))
-    for path in executed:
-        nb = nbformat.read(path, as_version=4)
-        merged.cells.append(nbformat.v4.new_markdown_cell("---"))  # each notebook's own title follows
-        for cell in nb.cells:
-            if {"parameters", "injected-parameters"} & set(cell.get("metadata", {}).get("tags", [])):
-                continue
-            if cell.cell_type == "code":  # progress bars and logs are for the terminal, not the reader
-                cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
-            merged.cells.append(cell)
-    for i, cell in enumerate(merged.cells):
-        cell.id = f"cell-{i}"  # nbformat draws random ids for new cells: fixed ones keep the report's bytes
-    body, _ = HTMLExporter(exclude_input=True, exclude_input_prompt=True,
-                           exclude_output_prompt=True).from_notebook_node(merged)
-    body = with_alt_text(body)
-    target = out / "report.html"
-    atomic_write_text(target, body)
-    log.info("wrote %s (%d notebooks)", target, len(executed))
-    return target
 
 
 # (claim, (group, key) that should be larger, (group, key) it is compared with): the paper's ordering.
@@ -174,10 +123,6 @@ def ablation_table(out_dir: str | os.PathLike) -> pd.DataFrame:
 def ablation_figure(table: pd.DataFrame):
     """The ablation table as two panels of grouped horizontal bars — CAM-argmax seeds on val, seeds on train
     — never one axis for both splits; a row not run is left out."""
-    import matplotlib.pyplot as plt
-
-    from .viz import grouped_hbars
-
     parts = {split: table[(table["split"] == split) & table["mIoU (%)"].notna()] for split in ("val", "train")}
     fig, axes = plt.subplots(2, 1, figsize=(9, 0.32 * sum(map(len, parts.values())) + 2.8),
                              height_ratios=[max(1, len(p)) for p in parts.values()])

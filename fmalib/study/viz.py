@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 import numpy as np
 import seaborn as sns
 
@@ -60,8 +61,6 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str] | None = None
             ax.set_title(titles[i], fontsize=8)
     fig.tight_layout()
     if class_names is not None:
-        from matplotlib.patches import Patch
-
         handles = [Patch(facecolor=_PALETTE[i] / 255, edgecolor="k", linewidth=0.3, label=name)
                    for i, name in enumerate(class_names)]
         fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 8),

@@ -196,7 +196,9 @@ def test_ctrl_c_stops_with_one_line_saying_what_was_kept(tmp_path, monkeypatch, 
         cache.save_npz("done", x=np.zeros(2))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "run_mask_stage", interrupted)
+    import fmalib.stages.masks
+
+    monkeypatch.setattr(fmalib.stages.masks, "run_mask_stage", interrupted)  # the CLI imports it when it runs
     rc = cli.main(["masks", "--params", "params/toy.yaml", "--set", f"workdir={tmp_path}/w"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 130 and len(err) == 1

@@ -2,7 +2,8 @@
 import pytest
 
 from fmalib.core.params import load_params
-from fmalib.study.compare import ORDERINGS, orderings, paper_params
+from fmalib.study.compare import paper_params
+from fmalib.study.orderings import ORDERINGS, orderings
 from fmalib.study.report import settings_table
 from fmalib.study.results import record
 

@@ -7,7 +7,8 @@ import pytest
 
 from fmalib.core.errors import FmalibError
 from fmalib.core.params import repo_root
-from fmalib.study.report import build_report, headline_table
+from fmalib.study.report import headline_table
+from fmalib.study.report_html import build_report
 from fmalib.study.reproduce import notebook_paths, run_notebooks, stamps_dir
 
 
@@ -106,7 +107,7 @@ def test_ordering_and_ablation_tables_read_recorded_results(tmp_path):
 
 
 def test_report_figures_get_their_section_as_alt_text():
-    from fmalib.study.report import with_alt_text
+    from fmalib.study.report_html import with_alt_text
 
     html = with_alt_text('<h1>04 · Coarse seeds</h1><img src="a.png"><h2>Per class</h2><p><img src="b.png"></p>')
     assert 'alt="Figure of the section: 04 · Coarse seeds"' in html and 'alt="Figure of the section: Per class"' in html
