@@ -78,7 +78,7 @@ def per_class_bars(table, value: str = "iou", by: str = "class", hue: str | None
     ax.set_title(title)
     ax.set_xlabel(by)
     ax.set_ylabel(ylabel or value)
-    ax.tick_params(axis="x", rotation=45)
+    plt.setp(ax.get_xticklabels(), rotation=40, ha="right", rotation_mode="anchor")  # no overlapping names
     if hue is not None:
         ax.legend(title=hue, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
