@@ -64,17 +64,25 @@ class Synthetic:
 
 @dataclass
 class Data:
-    kind: str = key(MISSING, "dataset reader", one_of("synthetic", "voc", "coco"))
+    kind: str = key(MISSING, "dataset reader", one_of("synthetic", "voc", "coco", "tags"))
     root: str = key(MISSING, "dataset folder (relative paths from the repo root)")
     train_split: str = key("train_aug", "split the prompts and seeds are made on")
     val_split: str = key("val", "split every score is reported on")
     synthetic: Synthetic = section(Synthetic, "the generated benchmark (data.kind synthetic)")
+    tags: Dict[str, Dict[str, Optional[str]]] = key(
+        {}, "data.kind tags: split -> {images: folder, tags: .csv or .jsonl file (absent: one sub-folder per "
+            "class), masks: optional folder of <id>.png for evaluation, ids in classes.names order}, paths "
+            "relative to data.root")
+    untagged: str = key("refuse", "data.kind tags: a listed image with no tag is an error (refuse) or kept as "
+                                  "background only (background)", one_of("refuse", "background"))
 
 
 @dataclass
 class Classes:
-    names: List[str] = key(MISSING, "foreground class names, ids 1..C in this order", non_empty=True)
-    synonyms: List[str] = key(MISSING, "per class, CLIP-ES's comma-separated synonyms (the prompt's name)")
+    names: Optional[List[str]] = key(None, "foreground class names, ids 1..C in this order; required except for "
+                                           "data.kind tags (null: the tags' names, sorted)", non_empty=True)
+    synonyms: Optional[List[str]] = key(None, "per class, CLIP-ES's comma-separated synonyms (the prompt's name); "
+                                              "null: the names")
     bg_words: List[str] = key(MISSING, "background prompts' words (CLIP-ES's list for VOC / COCO)")
 
 

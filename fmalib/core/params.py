@@ -280,6 +280,15 @@ def check_values(tree: Mapping, where: str = "params") -> None:
         raise FmalibError(f"{where}: keys sams.confident_hi = {hi!r} and sams.confident_lo = {lo!r}: expected "
                           f"0 <= confident_lo < confident_hi <= 1 (swapped?)")
     names, synonyms = tree["classes"]["names"], tree["classes"]["synonyms"]
+    if names is None:
+        if tree["data"]["kind"] != "tags":
+            raise FmalibError(f"{where}: missing key classes.names (expected {_expected('classes.names')}; only "
+                              f"data.kind tags may leave it out: its classes then come from the tags)")
+        if synonyms is not None:
+            raise FmalibError(f"{where}: key classes.synonyms is set but classes.names is not; expected both or "
+                              f"neither (synonyms follow the names' order)")
+        names = synonyms = []
+    synonyms = names if synonyms is None else synonyms
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise FmalibError(f"{where}: key classes.names repeats {dup!r}; class names must be unique (ids 1..C)")
@@ -349,6 +358,9 @@ def load_params(source: str | os.PathLike | Mapping, overrides: Mapping[str, Any
             raise
         given = f"{origins[culprit]} {culprit}={overrides[culprit]!r}"
         raise FmalibError(str(exc).replace(f"{where}:", f"{given} (over {where}):", 1)) from None
+    classes = tree["classes"]
+    if classes["synonyms"] is None and classes["names"] is not None:  # a class's prompt word is its name
+        classes["synonyms"] = list(classes["names"])
     params = _wrap(tree)
     params.path = path
     return params

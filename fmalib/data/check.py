@@ -104,12 +104,17 @@ def check_label(path: str | Path, size: tuple[int, int] | None, num_classes: int
 
 
 def check_split(ds, min_side: int = 16, progress: bool = False) -> list[Problem]:
-    """Every problem of every file of the dataset ``ds`` (a ``VOCDataset`` or ``COCODataset``), in item order;
-    errors and notes (``Problem.error``)."""
+    """Every problem of every file of the dataset ``ds`` (a ``VOCDataset``, ``COCODataset`` or ``TagsDataset``,
+    whose tag problems come first), in item order; errors and notes (``Problem.error``)."""
     out: list[Problem] = []
     num_classes = len(ds.class_names)
-    folders = [ds.root / "JPEGImages", *(ds.root / d for d in getattr(ds, "_mask_dirs", ()))] \
-        if hasattr(ds, "gt_path") else [getattr(ds, "image_dir", ds.root)]
+    if hasattr(ds, "data_folders"):
+        folders = ds.data_folders()
+    elif hasattr(ds, "gt_path"):
+        folders = [ds.root / "JPEGImages", *(ds.root / d for d in getattr(ds, "_mask_dirs", ()))]
+    else:
+        folders = [getattr(ds, "image_dir", ds.root)]
+    out += list(getattr(ds, "problems", []))  # a tags split's own (unknown classes, missing images, ...)
     for folder in (f for f in folders if Path(f).is_dir()):
         out += [Problem(str(p), "hidden or temporary file (left by an interrupted copy or write?): not read, not "
                                 "part of any fingerprint; delete it", error=False) for p in stray_files(folder)]
@@ -122,7 +127,7 @@ def check_split(ds, min_side: int = 16, progress: bool = False) -> list[Problem]
         else:
             size, problems = check_image(path, min_side)
             out += problems
-        if hasattr(ds, "gt_path"):  # VOC layout: a label PNG per image
+        if hasattr(ds, "gt_path") and getattr(ds, "has_masks", True):  # a label PNG per image
             try:
                 gt_path = ds.gt_path(i)
             except FmalibError as exc:

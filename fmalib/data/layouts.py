@@ -5,6 +5,8 @@ the reproduce tests, and smoke runs before a cluster job::
     python -m fmalib.data.layouts voc /tmp/voc-tiny --params params/voc.yaml --write-params /tmp/voc-tiny.yaml
     make reproduce PARAMS=/tmp/voc-tiny.yaml
 
+and what a practitioner of weak supervision has (``tags``: photos with a tags file, masks on val only).
+
 The files are what the real releases hold: JPEG images, VOC palette masks and SBD's grayscale ones, a
 ``train_aug.txt`` in the common two-column form, COCO instances JSON with COCO's 80 category ids (1..90 with
 gaps), RLE segmentations, a crowd region and an image without annotations. The generator's six classes stand
@@ -76,15 +78,17 @@ def _relabel(semantic: np.ndarray, table: dict[int, int]) -> np.ndarray:
 
 
 def write_voc_layout(root: str | os.PathLike, n_train: int = 6, n_val: int = 3, seed: int = 0,
-                     size_range: tuple[int, int] = (96, 120)) -> Path:
+                     size_range: tuple[int, int] = (96, 120), stand_ins: bool = True) -> Path:
     """A VOCdevkit/VOC2012-layout folder: JPEGImages/*.jpg, SegmentationClass/*.png (palette; train + val),
     SegmentationClassAug/*.png (grayscale, as SBD's release; train), ImageSets/Segmentation/train.txt and
     val.txt (one id a line) and train_aug.txt (two-column ``/JPEGImages/x.jpg /SegmentationClassAug/x.png``).
+    ``stand_ins`` False keeps the generator's own class ids (classes ``CLASS_NAMES``), as the tags layout does.
     """
     root = Path(root)
     for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    table = {i + 1: VOC_CLASSES.index(VOC_STAND_INS[n]) + 1 for i, n in enumerate(CLASS_NAMES)}
+    table = {i + 1: (VOC_CLASSES.index(VOC_STAND_INS[n]) + 1 if stand_ins else i + 1)
+             for i, n in enumerate(CLASS_NAMES)}
     lists: dict[str, list[str]] = {"train": [], "val": []}
     for split, n, start, year in (("train", n_train, 0, 2008), ("val", n_val, 100_000, 2007)):
         for k, s in _samples(n, seed, size_range, start):
@@ -158,7 +162,36 @@ def write_coco_layout(root: str | os.PathLike, n_train: int = 6, n_val: int = 3,
     return root
 
 
-WRITERS = {"voc": write_voc_layout, "coco": write_coco_layout}
+def write_tags_layout(root: str | os.PathLike, n_train: int = 6, n_val: int = 3, seed: int = 0,
+                      size_range: tuple[int, int] = (96, 120)) -> Path:
+    """What a practitioner has: ``train/*.jpg`` with ``train.csv`` (``image,labels``, no masks) and ``val/*.jpg``
+    with ``val.jsonl`` and ``val_masks/*.png`` for evaluation — the same images, bytes and ids as
+    ``write_voc_layout`` (``stand_ins`` False) with the same arguments, the generator's class names as tags."""
+    root = Path(root)
+    for split, n, start, year in (("train", n_train, 0, 2008), ("val", n_val, 100_000, 2007)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for k, s in _samples(n, seed, size_range, start):
+            iid = f"{year}_{k:06d}"
+            (root / split / f"{iid}.jpg").write_bytes(_jpeg(s.image))
+            names = [CLASS_NAMES[c - 1] for c in np.unique(s.semantic) if 0 < c <= len(CLASS_NAMES)]
+            rows.append((f"{iid}.jpg", names))
+            if split == "val":
+                (root / "val_masks").mkdir(exist_ok=True)
+                (root / "val_masks" / f"{iid}.png").write_bytes(label_to_png_bytes(s.semantic))
+        if split == "train":
+            (root / "train.csv").write_text("image,labels\n" + "".join(f"{f},{';'.join(n)}\n" for f, n in rows))
+        else:
+            (root / "val.jsonl").write_text("".join(json.dumps({"image": f, "labels": n}) + "\n" for f, n in rows))
+    return root
+
+
+TAGS_SPLITS = {"train": {"images": "train", "tags": "train.csv"},
+               "val": {"images": "val", "tags": "val.jsonl", "masks": "val_masks"}}
+
+WRITERS = {"voc": write_voc_layout, "coco": write_coco_layout, "tags": write_tags_layout}
+# what a params file needs to read a written layout beyond data.root (masks' ids: the generator's classes)
+LAYOUT_KEYS = {"tags": {"data.tags": TAGS_SPLITS, "classes.names": list(CLASS_NAMES)}}
 
 
 def write_smoke_params(params_path: str | os.PathLike, data_root: str | os.PathLike, out: str | os.PathLike,
@@ -197,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {args.kind} layout: {root}")
     if args.params:
         try:
-            print(f"params: {write_smoke_params(args.params, root, args.write_params, args.workdir)}")
+            print(f"params: {write_smoke_params(args.params, root, args.write_params, args.workdir, LAYOUT_KEYS.get(args.kind))}")
         except FmalibError as exc:
             raise SystemExit(f"error: {exc}") from None
     return 0

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..core.cache import stable_hash
 from ..core.errors import FmalibError
 from ..core.label_ids import IGNORE
-from ..data import open_dataset
+from ..data import open_dataset, with_classes
 from ..data.labels import VOC_PALETTE, read_label_png, write_label_png
 from ..data.voc import read_image
 from .compat import ensure_detectron2
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def class_names_with_background(params) -> list[str]:
-    return ["background", *params["classes"]["names"]]
+    return ["background", *with_classes(params)["classes"]["names"]]
 
 
 def semseg_records(image_paths: Sequence[Path], label_paths: Sequence[Path], ids: Sequence[str]) -> list[dict]:

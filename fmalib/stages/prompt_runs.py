@@ -13,6 +13,7 @@ import torch
 from ..core.cache import StageCache, atomic_torch_save, dir_fingerprint, stray_files
 from ..core.device import get_device
 from ..core.errors import FmalibError
+from ..data import with_classes
 from ..data.fingerprint import split_key
 from ..method.prompts import KINDS, ClsPromptLearner, HandPrompts, PromptSet, SegPromptLearner
 from ..models import clip as C
@@ -105,6 +106,7 @@ def build_prompts(kind: str, model, params, seed: int | None = None) -> PromptSe
     """The prompt set ``kind`` (hand | cls | seg) that ``params.classes`` and ``params.prompts`` describe."""
     if kind not in KINDS:
         raise FmalibError(f"prompt kind {kind!r}; expected one of {KINDS}")
+    params = with_classes(params)
     names, bg, pr = list(params["classes"]["synonyms"]), list(params["classes"]["bg_words"]), params["prompts"]
     tok = C.get_tokenizer(params["clip"]["model"])
     seed = int(params["seed"] if seed is None else seed)

@@ -27,7 +27,9 @@ def setup(params_path: str | os.PathLike, fast: bool = False, overrides: Mapping
     if device:
         merged["device"] = device
         origins["device"] = "--device"
-    params = load_params(params_path, merged, origins, overlays)
+    from ..data import with_classes
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    params = with_classes(load_params(params_path, merged, origins, overlays))
     seed_everything(params.seed)
     return params
