@@ -27,7 +27,7 @@ from ..data.fingerprint import split_key
 from ..data.labels import read_label_png, write_label_png
 from ..method.metrics import ConfusionMeter, iou_table, mean_iou
 from .compat import ensure_detectron2
-from .config import load_config
+from .config import build_config, load_config
 from .datasets import SemSegMapper, class_names_with_background, register_gt, register_pseudo
 from .train import _as_params, quiet_detectron2_logs
 
@@ -151,11 +151,40 @@ def load_segmenter(params, model_dir: str | os.PathLike, device: str | None = No
                           f"{where}` with this run's --labels / --set options and without --eval-only "
                           f"(or fmalib.segment.train_segmenter)")
     cfg = load_config(model_dir / "config.yaml", device=device or str(params["device"]))
+    check_run_config(params, cfg, model_dir)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(weights))
     test = params["stage2"]["test"]
     return Segmenter(model, cfg.INPUT.FORMAT, test["scales"] if scales is None else scales,
                      test["flip"] if flip is None else flip, _crf_settings(params, crf))
+
+
+def _model_entries(node, prefix: str = "MODEL") -> dict:
+    out = {}
+    for k, v in node.items():
+        if hasattr(v, "items"):
+            out.update(_model_entries(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = _as_lists(v)  # config.yaml reads tuples back as lists
+    return out
+
+
+def _as_lists(v):
+    return [_as_lists(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def check_run_config(params, cfg, model_dir: Path) -> None:
+    """The run's model (its config.yaml) must be the one ``params.stage2`` and ``params.classes`` describe:
+    otherwise predictions would be scored or named by another model's classes. The weights file, the device
+    and the norm (SyncBN trains as BN on one process) may differ."""
+    expected = build_config({**params["stage2"], "weights": None}, len(class_names_with_background(params)))
+    want, have = _model_entries(expected.MODEL), _model_entries(cfg.MODEL)
+    differ = [k for k in want if not k.endswith((".WEIGHTS", ".DEVICE", "NORM")) and want[k] != have.get(k)]
+    if differ:
+        shown = "; ".join(f"{k} is {have.get(k)!r}, params give {want[k]!r}" for k in differ[:5])
+        raise FmalibError(f"stage-2 run {model_dir} does not match params {getattr(params, 'path', None) or ''}: "
+                          f"{shown}{' ...' if len(differ) > 5 else ''} — predict with the params the run was "
+                          f"trained with (its stage2 keys and classes.names)")
 
 
 def eval_cache(params, model_dir: Path, split: str, label_dir, scales, flip: bool, crf: Mapping | None) -> Path:

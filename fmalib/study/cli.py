@@ -220,6 +220,18 @@ def stage2(args) -> None:
     print(json.dumps(result, default=str))
 
 
+def predict(args) -> None:
+    """Segment new images with a trained stage-2 run: one VOC-palette PNG per image at its own size, optional
+    overlay JPEGs, predictions.json (class pixel shares per image); a rerun skips images already done."""
+    from ..segment.predict import predict_images
+
+    params = _params(args)
+    record = predict_images(params, args.run, args.images, args.out, overlay=args.overlay, scales=args.scales,
+                            flip=args.flip, crf=args.crf, device=args.device, force=args.force)
+    print(f"{len(record['images'])} label maps in {args.out} (scales {record['test']['scales']}, flip "
+          f"{record['test']['flip']}, CRF {record['test']['crf']})")
+
+
 # --- the parser -----------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params/toy.yaml", help="params YAML (default: %(default)s)")
@@ -245,6 +257,20 @@ def _stage2_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--single-scale", action="store_true", help="evaluate without stage2.test's scales and flip")
     p.add_argument("--crf", action="store_true", help="dense CRF post-processing (whatever stage2.test.crf says)")
+
+
+def _predict_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a stage-2 run directory (config.yaml + model_final.pth), e.g. "
+                                                "workdir/stage2/seeds-<hash>")
+    p.add_argument("--images", required=True, nargs="+", help="image files and/or folders of images")
+    p.add_argument("--out", required=True, help="folder for <stem>.png, overlay/<stem>.jpg, predictions.json")
+    p.add_argument("--overlay", action="store_true", help="also write overlay JPEGs (image + predicted classes)")
+    p.add_argument("--scales", type=float, nargs="+", default=None, help="test scales (default: stage2.test.scales)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the mirrored image (default: stage2.test.flip)")
+    p.add_argument("--crf", action=argparse.BooleanOptionalAction, default=None,
+                   help="dense CRF on the probabilities (default: stage2.test.crf; needs pydensecrf2)")
+    p.add_argument("--force", action="store_true", help="redo images already predicted in --out")
 
 
 def _masks_options(p: argparse.ArgumentParser) -> None:
@@ -295,7 +321,7 @@ def _reproduce_options(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "data": (data, None), "foundation": (foundation, None), "masks": (masks, _masks_options),
     "prompts": (prompts, _force_options), "seeds": (seeds, _force_options), "sams": (sams, _sams_options),
-    "stage2": (stage2, _stage2_options),
+    "stage2": (stage2, _stage2_options), "predict": (predict, _predict_options),
     "reproduce": (reproduce, _reproduce_options), "report": (report, _out),
 }
 
