@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from ..core.errors import FmalibError
+from ..core.params import load_params
 from .coco import COCODataset
 from .synthetic import CLASS_NAMES, write_benchmark
 from .tags import TagsDataset, tag_class_names
@@ -81,8 +82,6 @@ def with_classes(params):
     then the tags' class names, sorted (what ``fmalib.study.setup`` loads, so every cache key names the classes)."""
     if params["classes"]["names"] is not None:
         return params
-    from ..core.params import load_params
-
     out = load_params(params.to_dict(), {"classes.names": derived_class_names(params)})
     out.path = params.path
     return out
