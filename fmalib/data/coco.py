@@ -71,6 +71,8 @@ class COCODataset:
         anns = self.coco.imgToAnns.get(img_id, [])
         return [a for a in anns if crowd is None or bool(a.get("iscrowd", 0)) == crowd]
 
+    has_masks = True  # instance masks, painted into semantic maps
+
     def __len__(self) -> int:
         return len(self.ids)
 

@@ -16,10 +16,18 @@ def _gt(dataset, i: int) -> np.ndarray | None:
 
 
 def label_statistics(dataset) -> pd.DataFrame:
-    """Per class (background first): images containing it, their share, and its share of valid GT pixels."""
+    """Per class (background first): images containing it, their share, and its share of valid GT pixels
+    (a split without masks: images from the tags, pixel shares NaN — background counts every image)."""
     n_cls = len(dataset.class_names)
     images = np.zeros(n_cls + 1, np.int64)
     pixels = np.zeros(n_cls + 1, np.int64)
+    if not dataset.has_masks:
+        for i in range(len(dataset)):
+            images[np.asarray(dataset.image_labels(i), int)] += 1
+        images[0] = len(dataset)
+        return pd.DataFrame({"images": images, "image_share": images / max(len(dataset), 1),
+                             "pixel_share": np.nan},
+                            index=pd.Index(("background",) + tuple(dataset.class_names), name="class"))
     for i in tqdm(range(len(dataset)), desc="label statistics"):
         gt = _gt(dataset, i)
         counts = np.bincount(gt[gt != IGNORE].ravel(), minlength=n_cls + 1)[: n_cls + 1]

@@ -173,6 +173,8 @@ class VOCDataset:
         self.ids = read_split_list(list_path)
         self._labels: dict[int, np.ndarray] = {}
 
+    has_masks = True  # the layout's masks are its labels
+
     def __len__(self) -> int:
         return len(self.ids)
 

@@ -11,6 +11,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..core.cache import StageCache, atomic_write_text, stable_hash, strict_json
+from ..core.code_key import code_digest
+from ..core.errors import FmalibError
 from ..data import open_dataset
 from ..data.labels import write_label_png
 from ..method.seed_rules import bg_threshold_sweep, cam_argmax_seeds
@@ -52,32 +54,43 @@ def write_cam_argmax_seeds(cache: StageCache, dataset, bg_threshold: float, out_
 
 
 def argmax_seed_miou(params, kind: str, seeds_dir: str | Path | None = None, model=None,
-                     ctx_path: str | Path | None = None) -> dict:
+                     ctx_path: str | Path | None = None) -> dict | None:
     """CAM-argmax seed mIoU of ``kind`` CAMs (hand | cls | seg), without and with CAA (CLIP-ES protocol):
-    the bg threshold is picked on the train split with its ground truth, the mIoU reported on val.
+    the bg threshold is picked on the train split with its ground truth, the mIoU reported on val. A train
+    split without masks (tags only): the threshold is picked on val (``tuned_on``), favouring the baseline
+    further; no masks on val either: None (no mIoU exists).
 
-    Runs (or reuses) the CAM stage on both splits. Returns {"no_caa" | "caa": {bg_threshold, train_miou,
-    val_miou, val_best_miou, val_table}}.
+    Runs (or reuses) the CAM stage on both splits. Returns {"no_caa" | "caa": {bg_threshold, tuned_on,
+    train_miou (None without train masks), val_miou, val_best_miou, val_table}}.
     """
     data = params["data"]
     splits = (data["train_split"], data["val_split"])
     ds = {s: open_dataset(params, s) for s in splits}
+    if not ds[splits[1]].has_masks:
+        log.info("CAM-argmax seeds of %s CAMs: val split %r has no masks, no mIoU to report", kind, splits[1])
+        return None
+    if not ds[splits[0]].has_masks:
+        splits = (splits[1], splits[1])  # tune and report on val
     caches = {s: run_cam_stage(params, s, kind, (0, 1), ctx_path=ctx_path, seeds_dir=seeds_dir, model=model)
               for s in splits}  # every image, in this process: the sweep reads them all
     n_cls = len(ds[splits[0]].class_names) + 1
     ts = params["cam"]["bg_thresholds"]
     # the sweeps read every cached map (seconds per split): their result is kept beside the train CAMs, keyed
     # by both caches (content-keyed directories) and the thresholds, so later notebooks reuse it
-    memo = caches[splits[0]].dir / f"argmax_eval-{stable_hash({'val': caches[splits[1]].key, 'thresholds': ts})}.json"
+    memo = caches[splits[0]].dir / ("argmax_eval-" + stable_hash({"val": caches[splits[1]].key, "thresholds": ts,
+                                                                  "code": code_digest(__name__)}) + ".json")
     if memo.is_file():
         return json.loads(memo.read_text())
     out = {}
     for caa in (False, True):
-        tables = [bg_threshold_sweep(cached_items(caches[s], ds[s], caa), ts, n_cls) for s in splits]
-        t = max(tables[0], key=lambda k: (np.nan_to_num(tables[0][k], nan=-1.0), -k))
-        out["caa" if caa else "no_caa"] = {"bg_threshold": t, "train_miou": tables[0][t], "val_miou": tables[1][t],
-                                           "val_best_miou": max(tables[1].values()),
-                                           "val_table": {str(k): v for k, v in tables[1].items()}}
+        val = bg_threshold_sweep(cached_items(caches[splits[1]], ds[splits[1]], caa), ts, n_cls)
+        tune = val if splits[0] == splits[1] else \
+            bg_threshold_sweep(cached_items(caches[splits[0]], ds[splits[0]], caa), ts, n_cls)
+        t = max(tune, key=lambda k: (np.nan_to_num(tune[k], nan=-1.0), -k))
+        out["caa" if caa else "no_caa"] = {"bg_threshold": t, "tuned_on": splits[0],
+                                           "train_miou": None if splits[0] == splits[1] else tune[t],
+                                           "val_miou": val[t], "val_best_miou": max(val.values()),
+                                           "val_table": {str(k): v for k, v in val.items()}}
     atomic_write_text(memo, strict_json(out, sort_keys=True, indent=1))
     log.info("CAM-argmax sweep of %s CAMs cached in %s", kind, memo)
     return json.loads(memo.read_text())  # the same JSON values (NaN as null) whether computed or reused
@@ -96,6 +109,9 @@ def cam_argmax_seed_dir(params, split: str, cams: StageCache, thresholds: Sequen
     ground truth (the baseline's own protocol, so the comparison favours it). Returns (dir, t, {t: mIoU});
     the choice is kept in the cache's meta.json, so a finished run is not swept again."""
     dataset = open_dataset(params, split)
+    if not dataset.has_masks:
+        raise FmalibError(f"CAM-argmax seeds of split {split!r}: its threshold is tuned against the split's masks, "
+                          f"and it has none (tags only); the method's own seeds (SAMS) need none")
     caa = caa_for(params, cams)
     thresholds = thresholds or params["cam"]["bg_thresholds"]
     cache = cam_argmax_cache(params, split, cams, caa, thresholds)

@@ -64,33 +64,40 @@ def settings_column(params: Params, stage2: bool = True) -> dict:
     run_mask_stage(params, split, whole)
     cls_cams = run_cam_stage(params, split, "cls", whole, model=model)
     coarse = make_seeds(params, split, cls_cams, "coarse", shard=whole)
-    out["coarse_miou"] = mean_iou(evaluate_seeds(train_ds, coarse.dir))
+    train_gt = train_ds.has_masks  # a tags-only train split: no seed mIoU, no GT-tuned CAM argmax, no GT run
+    out["coarse_miou"] = train_miou(train_ds, coarse.dir)
     out["coarse_bg_power"] = coarse.bg_power
-    cls_argmax_dir, _, _ = cam_argmax_seed_dir(params, split, cls_cams)
-    out["cls_argmax_train_miou"] = mean_iou(evaluate_seeds(train_ds, cls_argmax_dir))
+    if train_gt:
+        cls_argmax_dir, _, _ = cam_argmax_seed_dir(params, split, cls_cams)
+        out["cls_argmax_train_miou"] = mean_iou(evaluate_seeds(train_ds, cls_argmax_dir))
 
     seg_run = train_prompts(params, "seg", seeds_dir=coarse.dir, model=model)
     argmax["seg"] = argmax_seed_miou(params, "seg", seeds_dir=coarse.dir, model=model)
     seg_cams = run_cam_stage(params, split, "seg", whole, ctx_path=seg_run.cam_context_path, model=model)
     fine = make_seeds(params, split, seg_cams, "fine", shard=whole)
-    out["fine_miou"] = mean_iou(evaluate_seeds(train_ds, fine.dir))
+    out["fine_miou"] = train_miou(train_ds, fine.dir)
     out["fine_bg_power"] = fine.bg_power
-    seg_argmax_dir, _, _ = cam_argmax_seed_dir(params, split, seg_cams)
-    out["seg_argmax_train_miou"] = mean_iou(evaluate_seeds(train_ds, seg_argmax_dir))
+    if train_gt:
+        seg_argmax_dir, _, _ = cam_argmax_seed_dir(params, split, seg_cams)
+        out["seg_argmax_train_miou"] = mean_iou(evaluate_seeds(train_ds, seg_argmax_dir))
     for kind, res in argmax.items():
         for variant in ("no_caa", "caa"):
-            out[f"argmax_val_{kind}_{variant}"] = res[variant]["val_miou"]
+            out[f"argmax_val_{kind}_{variant}"] = res[variant]["val_miou"] if res else None
 
     if stage2:
-
-        runs = {"seeds": run_dir(params, "seeds", fine.dir), "gt": run_dir(params, "gt", None)}
-        train_segmenter(params, fine.dir, runs["seeds"])
-        train_segmenter(params, None, runs["gt"])
-        out["stage2_seeds_val_miou"] = evaluate_segmenter(params, runs["seeds"], val_split)["miou"]
-        out["stage2_gt_val_miou"] = evaluate_segmenter(params, runs["gt"], val_split)["miou"]
-    log.info("settings column (%s, CAA %s, cls lr %g, seg lr %g): coarse %.3f, fine %.3f",
-             out["target_layer"], caa, out["cls_lr"], out["seg_lr"], out["coarse_miou"], out["fine_miou"])
+        runs = {"seeds": run_dir(params, "seeds", fine.dir), **({"gt": run_dir(params, "gt", None)} if train_gt else {})}
+        for name, run in runs.items():
+            train_segmenter(params, fine.dir if name == "seeds" else None, run)
+            if val_ds.has_masks:
+                out[f"stage2_{name}_val_miou"] = evaluate_segmenter(params, run, val_split)["miou"]
+    log.info("settings column (%s, CAA %s, cls lr %g, seg lr %g): coarse %s, fine %s", out["target_layer"], caa,
+             out["cls_lr"], out["seg_lr"], out["coarse_miou"], out["fine_miou"])
     return out
+
+
+def train_miou(dataset, seed_dir) -> float | None:
+    """Seed mIoU against the split's masks; None for a split without masks (tags only)."""
+    return mean_iou(evaluate_seeds(dataset, seed_dir)) if dataset.has_masks else None
 
 
 def cls_loss_variant(params: Params, loss: str) -> dict:
@@ -104,4 +111,5 @@ def cls_loss_variant(params: Params, loss: str) -> dict:
     seeds = argmax_seed_miou(variant, "cls", model=model)
     return {"loss": loss, "map_cls": classification_map(model, prompts, val_ds)["map"],
             "fg_similarity_first": run.fg_similarity[0], "fg_similarity_last": run.fg_similarity[-1],
-            "argmax_val_cls_no_caa": seeds["no_caa"]["val_miou"], "argmax_val_cls_caa": seeds["caa"]["val_miou"]}
+            "argmax_val_cls_no_caa": seeds["no_caa"]["val_miou"] if seeds else None,
+            "argmax_val_cls_caa": seeds["caa"]["val_miou"] if seeds else None}

@@ -33,7 +33,7 @@ def sample_panels(dataset, n: int = 8, seed: int = 0) -> tuple[list[np.ndarray],
         item = dataset[i]
         names = ", ".join(dataset.class_names[j - 1] for j in item["labels"])
         images += [item["image"], overlay(item["image"], item["gt"]) if item["gt"] is not None else item["image"]]
-        titles += [f"{item['id']}\n{names}", "GT"]
+        titles += [f"{item['id']}\n{names}", "GT" if item["gt"] is not None else "no mask (tags only)"]
     return images, titles
 
 
@@ -118,12 +118,13 @@ def cam_panels(item: dict, sources: dict) -> tuple[list, list]:
 
 
 def seed_panels(item: dict, cams: np.ndarray, labels: np.ndarray, seeds: dict[str, np.ndarray]):
-    """(images, titles) for a figure row: image, GT, the CAMs' max as a heat map, then each seed overlay."""
+    """(images, titles) for a figure row: image, GT (where the split has masks), the CAMs' max as a heat map,
+    then each seed overlay."""
     image = item["image"]
     heat = cam_scores(cams, image.shape[:2]).max(axis=0) if len(labels) else np.zeros(image.shape[:2])
-    images = [image, overlay(image, item["gt"]), heatmap(image, heat)]
-    images += [overlay(image, s) for s in seeds.values()]
-    return images, ["image", "ground truth", "CAM (max over classes)", *seeds]
+    gt = [] if item["gt"] is None else [overlay(image, item["gt"])]
+    images = [image, *gt, heatmap(image, heat)] + [overlay(image, s) for s in seeds.values()]
+    return images, ["image", *["ground truth"] * len(gt), "CAM (max over classes)", *seeds]
 
 
 def hand_prompt_cam_rows(model, tokenizer: Callable, items: Sequence[dict], class_names: Sequence[str],

@@ -36,13 +36,15 @@ SCHEMA: dict[str, dict[str, type]] = {
                        "hand_seed_miou": F, "hand_caa_seed_miou": F, "cls_seed_miou": F, "cls_caa_seed_miou": F},
     "04_coarse_seeds": {"label_dir": S, "bg_power": F, "fallback_images": I, "coarse_seed_miou": F,
                         "cam_argmax_miou": F, "cam_argmax_bg_threshold": F, "gain_points": F,
-                        "gt_best_bg_power": F, "gt_best_miou": F},
+                        "gt_best_bg_power": F, "gt_best_miou": F, "seed_fg_pixel_share": F,
+                        "seed_empty_image_share": F},
     "05_seg_prompts": {"seg_seeds_source": S, "seg_seeds_dir": S, "seg_seeds_miou": F, "seg_iters": I,
                        "seg_iters_per_s": F, "seg_loss_first": F, "seg_loss_last": F, "context_path": S,
                        "seg_seed_miou": F, "seg_caa_seed_miou": F, "cls_caa_seed_miou": F},
     "06_fine_seeds": {"label_dir": S, "n_labels": I, "bg_power": F, "fallback_images": I, "fine_seed_miou": F,
                       "coarse_seed_miou": F, "cam_argmax_miou": F, "cam_argmax_bg_threshold": F,
-                      "gain_points": F, "gt_best_bg_power": F, "gt_best_miou": F},
+                      "gain_points": F, "gt_best_bg_power": F, "gt_best_miou": F, "seed_fg_pixel_share": F,
+                      "seed_empty_image_share": F},
     "07_ablations": {"levels_whole_miou": F, "levels_whole_part_miou": F, "cls_loss_variants": D,
                      "bg_negatives_cls_seed_miou": F, "bg_negatives_cls_caa_seed_miou": F, "settings": D},
     "08_stage2": {"seeds_val_miou": F, "gt_val_miou": F, "ratio": F, "seed_train_miou": F,
@@ -77,8 +79,9 @@ def _results_dir(out_dir: str | os.PathLike) -> Path:
 
 def record(out_dir: str | os.PathLike, notebook: str, **values: Any) -> dict:
     """Merge ``values`` into results/<notebook>.json (atomic) after checking them against SCHEMA; returns the
-    notebook's full mapping."""
-    checked = {k: _check_value(notebook, k, _plain(v)) for k, v in values.items()}
+    notebook's full mapping. A None value is not recorded: a number this data cannot give (an mIoU of a split
+    without masks) reads as absent, as one not run does."""
+    checked = {k: _check_value(notebook, k, _plain(v)) for k, v in values.items() if v is not None}
     path = _results_dir(out_dir) / f"{notebook}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.update(checked)

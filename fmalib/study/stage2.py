@@ -14,7 +14,7 @@ from ..core.errors import FmalibError
 from ..core.params import repo_root
 from ..data import open_dataset
 from ..segment.evaluate import crf_available, evaluate_segmenter, evaluate_segmenter_crf_options, load_segmenter
-from ..segment.train import read_metrics
+from ..segment.train import read_metrics, run_dir
 from .results import result
 from .viz import image_grid, overlay
 
@@ -31,6 +31,15 @@ def pseudo_label_dir(params, out_dir: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise FmalibError(f"pseudo-label folder {path} (from {where}) does not exist")
     return path
+
+
+def stage2_runs(params, label_dir: str | os.PathLike) -> dict[str, Path]:
+    """{run name: run dir} of notebook 08: the model on the pseudo-labels and, where the train split has masks,
+    the fully supervised upper bound on them."""
+    runs = {"seeds": run_dir(params, "seeds", label_dir)}
+    if open_dataset(params, params["data"]["train_split"]).has_masks:
+        runs["ground truth"] = run_dir(params, "gt", None)
+    return runs
 
 
 def per_class_comparison(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -76,7 +85,8 @@ def tta_variants(params, run: str | os.PathLike, split: str | None = None,
 
 
 def qualitative_figure(params, runs: Mapping[str, str | os.PathLike], split: str | None = None, n: int = 6):
-    """Rows of image | ground truth | each run's prediction (single scale), for the first ``n`` images."""
+    """Rows of image | ground truth (where the split has masks) | each run's prediction (single scale), for the
+    first ``n`` images."""
 
     split = split or params["data"]["val_split"]
     ds = open_dataset(params, split)
@@ -84,9 +94,12 @@ def qualitative_figure(params, runs: Mapping[str, str | os.PathLike], split: str
     images, titles = [], []
     for i in range(min(n, len(ds))):
         item = ds[i]
-        images += [item["image"], overlay(item["image"], item["gt"])]
-        titles += [item["id"], "ground truth"]
+        images.append(item["image"])
+        titles.append(item["id"])
+        if ds.has_masks:
+            images.append(overlay(item["image"], item["gt"]))
+            titles.append("ground truth")
         for name, model in models.items():
             images.append(overlay(item["image"], model.predict(item["image"])))
             titles.append(f"model trained on {name}")
-    return image_grid(images, titles, ncols=2 + len(models))
+    return image_grid(images, titles, ncols=1 + ds.has_masks + len(models))

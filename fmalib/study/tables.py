@@ -20,7 +20,7 @@ from ..stages.masks import load_masks
 
 
 def mask_table(cache: StageCache, dataset, limit: int | None = None):
-    """Per image: masks per level and GT-region recall at IoU 0.5 (a DataFrame)."""
+    """Per image: masks per level and, where the split has masks, GT-region recall at IoU 0.5 (a DataFrame)."""
     rows = []
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for j in tqdm(range(n), desc="mask stats", leave=False):
@@ -29,7 +29,7 @@ def mask_table(cache: StageCache, dataset, limit: int | None = None):
         counts = np.bincount(ms.levels, minlength=3)[:3]
         row = {"id": image_id, **{name: int(c) for name, c in zip(LEVELS, counts)}, "masks": len(ms),
                "cache_bytes": cache.path(image_id).stat().st_size}
-        gt = dataset.load_gt(j) if hasattr(dataset, "load_gt") else None
+        gt = dataset.load_gt(j) if dataset.has_masks else None
         if gt is not None:
             row["regions_matched"], row["regions"] = region_recall(ms, gt)
         rows.append(row)
@@ -63,3 +63,24 @@ def clip_bench_table() -> pd.DataFrame:
             "hand_seed_miou_block_input_caa": "seeds mIoU (block_input, CAA)"}
     rows = {name: {label: clip[key] for key, label in cols.items()} for name, clip in bench["clip"].items()}
     return pd.DataFrame(rows).T.rename(index={"params": "the study's CLIP"})
+
+
+def argmax_miou(results: dict, kind: str, variant: str) -> float | None:
+    """Val mIoU of one prompt set's CAM-argmax seeds (``argmax_seed_miou`` results by kind); None when the val
+    split has no masks."""
+    return results[kind][variant]["val_miou"] if results.get(kind) else None
+
+
+def argmax_table(results: dict, best: bool = True) -> pd.DataFrame | str:
+    """``argmax_seed_miou`` results by prompt kind as one row per (kind, CAA or not): the bg threshold, the
+    split it was tuned on, train and val mIoU (and val's best over the grid); a sentence when no split has
+    masks."""
+    rows = {}
+    for kind, res in results.items():
+        for variant, r in (res or {}).items():
+            rows[(kind, variant)] = {"bg threshold": r["bg_threshold"], "tuned on": r.get("tuned_on", "train"),
+                                     "train mIoU": r["train_miou"], "val mIoU": r["val_miou"],
+                                     **({"val mIoU, best threshold": r["val_best_miou"]} if best else {})}
+    if not rows:
+        return "the val split has no masks: the CAM-argmax baseline has no mIoU (and no threshold to tune)"
+    return pd.DataFrame(rows).T.round(3)

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from fmalib.core.params import repo_root
-from fmalib.data.layouts import write_coco_layout, write_voc_layout
+from fmalib.data.layouts import LAYOUT_KEYS, write_coco_layout, write_tags_layout, write_voc_layout
 from fmalib.study.reproduce import notebook_paths
 from fmalib.study.results import read_results
 
-WRITERS = {"voc": write_voc_layout, "coco": write_coco_layout}
+WRITERS = {"voc": write_voc_layout, "coco": write_coco_layout, "tags": write_tags_layout}
 KINDS = ("toy", *WRITERS)  # the toy generates its own data
 
 
@@ -35,6 +35,8 @@ def studies(tmp_path_factory):
         out = tmp / kind / "reports"
         cmd = [sys.executable, "-m", "fmalib", "reproduce", "--params", f"params/{kind}.yaml", "--fast",
                "--set", f"data.root={root}", "--set", f"workdir={tmp / kind / 'work'}", "--out", str(out)]
+        for key, value in LAYOUT_KEYS.get(kind, {}).items():
+            cmd += ["--set", f"{key}={json.dumps(value)}"]
         log = tmp / kind / "log.txt"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as fh:
@@ -75,9 +77,23 @@ def test_reproduce_runs_the_real_params_end_to_end(studies, kind):
     foundation = results["01_foundation_models"]
     assert foundation["clip_model"] == "fmalib-tiny-clip" and foundation["zero_shot_images"] == 2
     assert "clip_zero_shot_map" not in foundation  # the generator-based checks are for generated data only
-    assert results["00_data"]["kind"] == kind and results["00_data"]["classes"] == (20 if kind == "voc" else 80)
+    assert results["00_data"]["kind"] == kind
+    assert results["00_data"]["classes"] == {"voc": 20, "coco": 80, "tags": 6}[kind]
     assert results["06_fine_seeds"]["n_labels"] == 4
     assert 0.0 <= results["08_stage2"]["seeds_val_miou"] <= 1.0
     nb01 = json.loads((out / "01_foundation_models.ipynb").read_text())
     text = json.dumps(nb01["cells"])
     assert "generator-based quality checks skipped" in text and "initialized randomly" not in text
+
+
+def test_tags_without_train_masks_report_gt_free_diagnostics(studies):
+    """Photos + tags.csv for train (no masks), val with masks: every notebook runs; train numbers are GT-free
+    (no seed mIoU exists), val ones are mIoU as usual."""
+    results = read_results(studies["tags"]["out"])
+    for nb in ("04_coarse_seeds", "06_fine_seeds"):
+        assert not {k for k in results[nb] if k.endswith("miou")}, f"{nb} recorded an mIoU without train masks"
+        assert 0.0 < results[nb]["seed_fg_pixel_share"] < 1.0 and 0.0 <= results[nb]["seed_empty_image_share"] <= 1.0
+    assert "seg_seeds_miou" not in results["05_seg_prompts"] and "region_recall_iou50" not in results["02_sam_masks"]
+    assert 0.0 <= results["03_cls_prompts"]["cls_seed_miou"] <= 1.0  # CAM argmax on val, tuned on val's masks
+    assert 0.0 <= results["08_stage2"]["seeds_val_miou"] <= 1.0 and "gt_val_miou" not in results["08_stage2"]
+    assert "levels_whole_miou" not in results["07_ablations"]
