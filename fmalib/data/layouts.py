@@ -163,22 +163,25 @@ def write_coco_layout(root: str | os.PathLike, n_train: int = 6, n_val: int = 3,
 
 
 def write_tags_layout(root: str | os.PathLike, n_train: int = 6, n_val: int = 3, seed: int = 0,
-                      size_range: tuple[int, int] = (96, 120)) -> Path:
+                      size_range: tuple[int, int] = (96, 120), stand_ins: bool = False) -> Path:
     """What a practitioner has: ``train/*.jpg`` with ``train.csv`` (``image,labels``, no masks) and ``val/*.jpg``
     with ``val.jsonl`` and ``val_masks/*.png`` for evaluation — the same images, bytes and ids as
-    ``write_voc_layout`` (``stand_ins`` False) with the same arguments, the generator's class names as tags."""
+    ``write_voc_layout`` with the same arguments. Tags and mask ids: the generator's classes, or with
+    ``stand_ins`` VOC's (``VOC_STAND_INS``; masks in VOC's ids, for params/voc.yaml's class list)."""
     root = Path(root)
+    tag = {i + 1: VOC_STAND_INS[n] if stand_ins else n for i, n in enumerate(CLASS_NAMES)}
+    table = {i + 1: VOC_CLASSES.index(tag[i + 1]) + 1 if stand_ins else i + 1 for i in range(len(CLASS_NAMES))}
     for split, n, start, year in (("train", n_train, 0, 2008), ("val", n_val, 100_000, 2007)):
         (root / split).mkdir(parents=True, exist_ok=True)
         rows = []
         for k, s in _samples(n, seed, size_range, start):
             iid = f"{year}_{k:06d}"
             (root / split / f"{iid}.jpg").write_bytes(_jpeg(s.image))
-            names = [CLASS_NAMES[c - 1] for c in np.unique(s.semantic) if 0 < c <= len(CLASS_NAMES)]
+            names = [tag[c] for c in np.unique(s.semantic) if 0 < c <= len(CLASS_NAMES)]
             rows.append((f"{iid}.jpg", names))
             if split == "val":
                 (root / "val_masks").mkdir(exist_ok=True)
-                (root / "val_masks" / f"{iid}.png").write_bytes(label_to_png_bytes(s.semantic))
+                (root / "val_masks" / f"{iid}.png").write_bytes(label_to_png_bytes(_relabel(s.semantic, table)))
         if split == "train":
             (root / "train.csv").write_text("image,labels\n" + "".join(f"{f},{';'.join(n)}\n" for f, n in rows))
         else:

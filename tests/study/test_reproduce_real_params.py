@@ -1,11 +1,14 @@
 """The study command end to end, every notebook, in fast mode: on the toy (params/toy.yaml) and on the real
-params — `python -m fmalib reproduce --params params/voc.yaml` (and coco.yaml) on tiny VOC- and COCO-layout
-folders (fmalib.data.layouts), with the params' own fast: block swapping in the tiny CLIP and SAM and few
-iterations, so a change that breaks the paper's params fails here.
+params — `python -m fmalib reproduce --params params/coco.yaml` on a tiny COCO-layout folder, and
+`params/voc.yaml` on a tiny folder of photos with tags (fmalib.data.layouts), its train split without masks and
+its val split with VOC-id masks — with the params' own fast: block swapping in the tiny CLIP and SAM and few
+iterations, so a change that breaks the paper's params, or the study without train masks, fails here. (The VOC
+layout itself reaches the seeds in tests/stages/test_tags_seeds.py, byte for byte equal to the tags.)
 
 The three studies run at once as `python -m fmalib reproduce` processes, one thread each: each leaves a core
 idle much of the time (kernel start-up and imports, I/O), so together they take little more than one alone.
 """
+import functools
 import json
 import os
 import re
@@ -17,12 +20,16 @@ from pathlib import Path
 import pytest
 
 from fmalib.core.params import repo_root
-from fmalib.data.layouts import LAYOUT_KEYS, write_coco_layout, write_tags_layout, write_voc_layout
+from fmalib.data.layouts import TAGS_SPLITS, write_coco_layout, write_tags_layout
 from fmalib.study.reproduce import notebook_paths
 from fmalib.study.results import read_results
 
-WRITERS = {"voc": write_voc_layout, "coco": write_coco_layout, "tags": write_tags_layout}
+# params file -> (folder writer, the keys that read it)
+WRITERS = {"voc": (functools.partial(write_tags_layout, stand_ins=True),
+                   {"data.kind": "tags", "data.tags": TAGS_SPLITS, "data.train_split": "train"}),
+           "coco": (write_coco_layout, {})}
 KINDS = ("toy", *WRITERS)  # the toy generates its own data
+DATA_KIND = {"voc": "tags", "coco": "coco"}
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +38,11 @@ def studies(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running = {}
     for kind in KINDS:
-        root = WRITERS[kind](tmp / kind / "data", n_train=4, n_val=2) if kind in WRITERS else tmp / kind / "data"
+        root = WRITERS[kind][0](tmp / kind / "data", n_train=4, n_val=2) if kind in WRITERS else tmp / kind / "data"
         out = tmp / kind / "reports"
         cmd = [sys.executable, "-m", "fmalib", "reproduce", "--params", f"params/{kind}.yaml", "--fast",
                "--set", f"data.root={root}", "--set", f"workdir={tmp / kind / 'work'}", "--out", str(out)]
-        for key, value in LAYOUT_KEYS.get(kind, {}).items():
+        for key, value in WRITERS.get(kind, (None, {}))[1].items():
             cmd += ["--set", f"{key}={json.dumps(value)}"]
         log = tmp / kind / "log.txt"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +84,8 @@ def test_reproduce_runs_the_real_params_end_to_end(studies, kind):
     foundation = results["01_foundation_models"]
     assert foundation["clip_model"] == "fmalib-tiny-clip" and foundation["zero_shot_images"] == 2
     assert "clip_zero_shot_map" not in foundation  # the generator-based checks are for generated data only
-    assert results["00_data"]["kind"] == kind
-    assert results["00_data"]["classes"] == {"voc": 20, "coco": 80, "tags": 6}[kind]
+    assert results["00_data"]["kind"] == DATA_KIND[kind]
+    assert results["00_data"]["classes"] == {"voc": 20, "coco": 80}[kind]
     assert results["06_fine_seeds"]["n_labels"] == 4
     assert 0.0 <= results["08_stage2"]["seeds_val_miou"] <= 1.0
     nb01 = json.loads((out / "01_foundation_models.ipynb").read_text())
@@ -89,7 +96,7 @@ def test_reproduce_runs_the_real_params_end_to_end(studies, kind):
 def test_tags_without_train_masks_report_gt_free_diagnostics(studies):
     """Photos + tags.csv for train (no masks), val with masks: every notebook runs; train numbers are GT-free
     (no seed mIoU exists), val ones are mIoU as usual."""
-    results = read_results(studies["tags"]["out"])
+    results = read_results(studies["voc"]["out"])
     for nb in ("04_coarse_seeds", "06_fine_seeds"):
         assert not {k for k in results[nb] if k.endswith("miou")}, f"{nb} recorded an mIoU without train masks"
         assert 0.0 < results[nb]["seed_fg_pixel_share"] < 1.0 and 0.0 <= results[nb]["seed_empty_image_share"] <= 1.0
