@@ -25,9 +25,11 @@ import numpy as np
 import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
+from tqdm.auto import tqdm
 
 from ..core.errors import FmalibError
 from ..core.params import fast_overlay, load_params
+from . import open_dataset
 from .labels import label_to_png_bytes
 from .synthetic import CLASS_NAMES, generate_sample, sample_size
 from .voc import VOC_CLASSES
@@ -58,9 +60,9 @@ def _samples(n: int, seed: int, size_range: tuple[int, int], start: int):
         yield k, generate_sample(seed, idx, sample_size(seed, idx, size_range))
 
 
-def _jpeg(image: np.ndarray) -> bytes:
+def _jpeg(image: np.ndarray, quality: int = 92, full_chroma: bool = False) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=92)
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality, **({"subsampling": 0} if full_chroma else {}))
     return buf.getvalue()
 
 
@@ -187,6 +189,28 @@ def write_tags_layout(root: str | os.PathLike, n_train: int = 6, n_val: int = 3,
         else:
             (root / "val.jsonl").write_text("".join(json.dumps({"image": f, "labels": n}) + "\n" for f, n in rows))
     return root
+
+
+def export_tags(params, root: str | os.PathLike, masks_for: Sequence[str] = (), quality: int = 95) -> dict:
+    """The train and val splits of ``params``' dataset as photos with tags: ``<split>/<id>.jpg`` (JPEG at
+    ``quality``, colour at full resolution: no 4:2:0 subsampling) and ``<split>.csv`` (``image,labels``), and for the splits in ``masks_for`` their masks as
+    ``<split>_masks/<id>.png``. Returns the ``data.tags`` mapping that reads it back (paths relative to root)."""
+    root = Path(root)
+    out = {}
+    for split in dict.fromkeys((params["data"]["train_split"], params["data"]["val_split"])):
+        ds = open_dataset(params, split)
+        (root / split).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in tqdm(range(len(ds)), desc=f"export {split} as photos + tags"):
+            (root / split / f"{ds.ids[i]}.jpg").write_bytes(_jpeg(ds.load_image(i), quality, full_chroma=True))
+            rows.append(f"{ds.ids[i]}.jpg,{';'.join(ds.class_names[c - 1] for c in ds.image_labels(i))}\n")
+            if split in masks_for:
+                (root / f"{split}_masks").mkdir(exist_ok=True)
+                (root / f"{split}_masks" / f"{ds.ids[i]}.png").write_bytes(label_to_png_bytes(ds.load_gt(i)))
+        (root / f"{split}.csv").write_text("image,labels\n" + "".join(rows))
+        out[split] = {"images": split, "tags": f"{split}.csv", **({"masks": f"{split}_masks"} if split in masks_for
+                                                                   else {})}
+    return out
 
 
 TAGS_SPLITS = {"train": {"images": "train", "tags": "train.csv"},

@@ -12,7 +12,7 @@ from fmalib.core.errors import FmalibError
 from fmalib.core.params import load_params
 from fmalib.data import open_dataset, with_classes
 from fmalib.data.check import check_split, problems_error
-from fmalib.data.layouts import TAGS_SPLITS, write_tags_layout, write_voc_layout
+from fmalib.data.layouts import TAGS_SPLITS, export_tags, write_tags_layout, write_voc_layout
 from fmalib.data.synthetic import CLASS_NAMES
 from fmalib.data.tags import TagsDataset
 from fmalib.study.cli import main
@@ -157,3 +157,21 @@ def test_tags_layout_matches_the_voc_layout_image_for_image(tmp_path):
     with pytest.raises(FmalibError, match=r"tags split 'train' has no masks \(params data.tags.train.masks\)"):
         open_dataset(params, "train").load_gt(0)
     shutil.rmtree(tmp_path / "voc")
+
+
+def test_export_tags_writes_a_split_back_as_photos_tags_and_masks(tmp_path):
+    params = load_params("params/toy.yaml", {"data.root": str(tmp_path / "toy"), "workdir": str(tmp_path / "w"),
+                                             "data.synthetic.n_train": 3, "data.synthetic.n_val": 2})
+    splits = export_tags(params, tmp_path / "tags", masks_for=("val",))
+    assert splits == {"train": {"images": "train", "tags": "train.csv"},
+                      "val": {"images": "val", "tags": "val.csv", "masks": "val_masks"}}
+    back = load_params({**params.to_dict(), "data": {"kind": "tags", "root": str(tmp_path / "tags"),
+                                                      "train_split": "train", "val_split": "val", "tags": splits}})
+    for split in ("train", "val"):
+        a, b = open_dataset(params, split), open_dataset(back, split)
+        assert a.ids == b.ids and b.has_masks == (split == "val")
+        for i in range(len(a)):
+            assert a.image_labels(i).tolist() == b.image_labels(i).tolist()
+            assert np.abs(a.load_image(i).astype(int) - b.load_image(i).astype(int)).mean() < 3  # JPEG q95
+            if split == "val":
+                assert np.array_equal(a.load_gt(i), b.load_gt(i))
