@@ -193,8 +193,9 @@ def write_tags_layout(root: str | os.PathLike, n_train: int = 6, n_val: int = 3,
 
 def export_tags(params, root: str | os.PathLike, masks_for: Sequence[str] = (), quality: int = 95) -> dict:
     """The train and val splits of ``params``' dataset as photos with tags: ``<split>/<id>.jpg`` (JPEG at
-    ``quality``, colour at full resolution: no 4:2:0 subsampling) and ``<split>.csv`` (``image,labels``), and for the splits in ``masks_for`` their masks as
-    ``<split>_masks/<id>.png``. Returns the ``data.tags`` mapping that reads it back (paths relative to root)."""
+    ``quality``, colour at full resolution: no 4:2:0 subsampling) and ``<split>.csv`` (``image,labels``), and
+    for the splits in ``masks_for`` their masks as ``<split>_masks/<id>.png``. Returns the ``data.tags`` mapping
+    that reads it back (paths relative to root)."""
     root = Path(root)
     out = {}
     for split in dict.fromkeys((params["data"]["train_split"], params["data"]["val_split"])):
