@@ -51,6 +51,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     params_file = root / "work" / f"{name}.yaml"
+    params_file.parent.mkdir(parents=True, exist_ok=True)
     params_file.write_text(yaml.safe_dump({
         "_BASE_": str((root / args.params).resolve()), "name": name, "workdir": str(work), "fast": None,
         "data": {"kind": "tags", "root": str(data_root), "tags": splits}}, sort_keys=False))
