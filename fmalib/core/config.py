@@ -69,7 +69,7 @@ class Data:
     train_split: str = key("train_aug", "split the prompts and seeds are made on")
     val_split: str = key("val", "split every score is reported on")
     synthetic: Synthetic = section(Synthetic, "the generated benchmark (data.kind synthetic)")
-    tags: Dict[str, Dict[str, Optional[str]]] = key(
+    tags: Dict[str, Any] = key(
         {}, "data.kind tags: split -> {images: folder, tags: .csv or .jsonl file (absent: one sub-folder per "
             "class), masks: optional folder of <id>.png for evaluation, ids in classes.names order}, paths "
             "relative to data.root")

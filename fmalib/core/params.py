@@ -306,6 +306,12 @@ def check_values(tree: Mapping, where: str = "params") -> None:
         if pk["cam_iter"] is not None and pk["cam_iter"] > pk["iters"]:
             raise FmalibError(f"{where}: keys prompts.{kind}.cam_iter = {pk['cam_iter']!r} and prompts.{kind}.iters "
                               f"= {pk['iters']!r}: expected cam_iter <= iters (or null: the last iteration)")
+    for split, spec in tree["data"]["tags"].items():
+        fields = set(spec) if isinstance(spec, Mapping) else None
+        if fields is None or "images" not in fields or not fields <= {"images", "tags", "masks"} or not all(
+                v is None or isinstance(v, str) for v in spec.values()):
+            raise FmalibError(f"{where}: key data.tags.{split} is {spec!r}; expected {{images: folder, tags: .csv / "
+                              f".jsonl file (or absent: one sub-folder per class), masks: optional folder}}")
     syn = tree["data"]["synthetic"]
     if syn["size_max"] < syn["size_min"]:
         raise FmalibError(f"{where}: keys data.synthetic.size_min = {syn['size_min']!r} and size_max = "

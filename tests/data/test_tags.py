@@ -3,6 +3,7 @@ and every bad-tags case reported at once, each with its message."""
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +176,14 @@ def test_export_tags_writes_a_split_back_as_photos_tags_and_masks(tmp_path):
             assert np.abs(a.load_image(i).astype(int) - b.load_image(i).astype(int)).mean() < 3  # JPEG q95
             if split == "val":
                 assert np.array_equal(a.load_gt(i), b.load_gt(i))
+
+
+def test_tags_splits_merge_through_base_files_and_bad_entries_are_named(tmp_path):
+    over = tmp_path / "my.yaml"
+    over.write_text(f"_BASE_: {Path('params/tags.yaml').resolve()}\ndata:\n  tags:\n"
+                    "    val: {images: photos, tags: v.jsonl, masks: null}\n")
+    tags = load_params(over).data.tags
+    assert tags["val"] == {"images": "photos", "tags": "v.jsonl", "masks": None}
+    assert tags["train"] == {"images": "train", "tags": "train.csv"}  # the base file's
+    with pytest.raises(FmalibError, match=r"key data.tags.train is \{'imgs': 'x'\}; expected \{images: folder"):
+        load_params("params/tags.yaml", {"data.tags": {"train": {"imgs": "x"}}})
