@@ -24,12 +24,33 @@ HEADLINE = [
 ]
 
 
+# (results group, key, row label): what a study without train masks shows in place of the seeds' mIoU.
+GT_FREE = [
+    ("04_coarse_seeds", "seed_fg_pixel_share", "Coarse seeds: pixels painted foreground, train (no masks)"),
+    ("04_coarse_seeds", "seed_empty_image_share", "Coarse seeds: tagged images left all background, train"),
+    ("06_fine_seeds", "seed_fg_pixel_share", "Fine seeds: pixels painted foreground, train (no masks)"),
+    ("06_fine_seeds", "seed_empty_image_share", "Fine seeds: tagged images left all background, train"),
+]
+
+
 def headline_table(out_dir: str | os.PathLike) -> pd.DataFrame:
     """Per headline row its value and unit (mIoU in %, and stage 2's seeds / ground truth in % of the latter);
-    NaN where that notebook has not recorded it yet."""
+    NaN where that notebook has not recorded it yet (the unit says so). A split without masks (tags only) has no
+    mIoU: its rows say so, and the seeds' GT-free diagnostics follow."""
     results = read_results(out_dir)
-    rows = [{"result": label, "value": 100 * float(lookup(results, g, k, float("nan"))), "unit": "mIoU (%)"}
-            for g, k, label in HEADLINE]
+    masks = {"train": lookup(results, "00_data", "train_has_masks", True),
+             "val": lookup(results, "00_data", "val_has_masks", True)}
+    rows = []
+    for g, k, label in HEADLINE:
+        value = lookup(results, g, k)
+        # the masks a row needs: its split's (named last in its label); the upper bound's also train's
+        needs = ["train", "val"] if k == "gt_val_miou" else [label.rsplit(", ", 1)[-1]]
+        missing = [s for s in needs if not masks.get(s, True)]
+        unit = "mIoU (%)" if value is not None else (f"no mIoU: the {missing[0]} split has no masks" if missing
+                                                     else "mIoU (%): not run yet")
+        rows.append({"result": label, "value": float("nan") if value is None else 100 * float(value), "unit": unit})
+    rows += [{"result": label, "value": 100 * float(lookup(results, g, k)), "unit": "%"}
+             for g, k, label in GT_FREE if lookup(results, g, k) is not None]
     seeds, gt = lookup(results, "08_stage2", "seeds_val_miou"), lookup(results, "08_stage2", "gt_val_miou")
     if seeds is not None and gt is not None and gt > 0:
         rows.append({"result": "Stage 2 on seeds relative to stage 2 on ground truth", "value": 100 * seeds / gt,
@@ -37,10 +58,10 @@ def headline_table(out_dir: str | os.PathLike) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def styled(table: pd.DataFrame, digits: int = 1, name: str = "table"):
+def styled(table: pd.DataFrame, digits: int = 1, name: str = "table", na_rep: str = "not run"):
     """How the notebooks and the report show a table: no index, ``digits`` decimals, "not run" for a missing
     number, and a fixed element id (pandas' Styler draws a random one, which would change every rerun)."""
-    return (table.style.format(precision=digits, na_rep="not run").hide(axis="index")
+    return (table.style.format(precision=digits, na_rep=na_rep).hide(axis="index")
             .set_uuid(name))
 
 
@@ -106,7 +127,7 @@ ABLATIONS = [
 ]
 
 
-for _g, _k in [(g, k) for g, k, _ in HEADLINE] + [(g, k) for *_, g, k in ABLATIONS] \
+for _g, _k in [(g, k) for g, k, _ in HEADLINE + GT_FREE] + [(g, k) for *_, g, k in ABLATIONS] \
         + [pair for _, *pairs in CLAIMS for pair in pairs]:
     check_field(_g, _k)  # a misspelt name fails on import, not as a silent "not run"
 

@@ -42,7 +42,7 @@ def build_report(out_dir: str | os.PathLike) -> Path:
     merged = nbformat.v4.new_notebook()
     merged.cells.append(nbformat.v4.new_markdown_cell(
         f"# FMA-WSSS study report: `{out.name}`\n\n## Headline\n\n"
-        + styled(headline_table(out), 1, "headline").to_html()
+        + styled(headline_table(out), 1, "headline", na_rep="—").to_html()
         + "\n\n## Does the paper's ordering hold here?\n\n"
         + styled(ordering_check(out), 3, "orderings").to_html()
         + "\n\n## The same orderings under the toy's settings and the paper's (notebook 07)\n\n"

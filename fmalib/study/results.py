@@ -22,7 +22,7 @@ F, I, S, B, D = float, int, str, bool, dict  # the JSON types a field may hold (
 
 SCHEMA: dict[str, dict[str, type]] = {
     "00_data": {"kind": S, "n_train": I, "n_val": I, "classes": I, "cooc_boat_water": F, "cooc_kite_sky": F,
-                "cooc_car_road": F, "cooc_house_grass": F},
+                "cooc_car_road": F, "cooc_house_grass": F, "train_has_masks": B, "val_has_masks": B},
     "01_foundation_models": {"clip_model": S, "clip_params_m": F, "clip_activation": S, "sam_model_type": S,
                              "sam_params_m": F, "zero_shot_images": I, "zero_shot_top1_is_label": F,
                              "sam_preview_masks_per_image": F, "sam_preview_s_per_image": F,

@@ -132,3 +132,20 @@ def test_results_schema_names_notebook_and_field(tmp_path):
     with pytest.raises(FmalibError, match="notebook 05_seg_prompts has no field 'seg_seed_mIoU'"):
         read_results(tmp_path)
     assert set(SCHEMA) == {p.stem for p in notebook_paths()} - {"09_report"}
+
+
+def test_headline_says_which_mious_cannot_exist_without_masks(tmp_path):
+    from fmalib.study.results import record
+
+    record(tmp_path, "00_data", train_has_masks=False, val_has_masks=True)
+    record(tmp_path, "04_coarse_seeds", seed_fg_pixel_share=0.25, seed_empty_image_share=0.1)
+    record(tmp_path, "08_stage2", seeds_val_miou=0.5, gt_val_miou=None)  # None: not recorded
+    table = headline_table(tmp_path).set_index("result")
+    units = table["unit"].to_dict()
+    assert units["Coarse seeds (SAMS on cls CAMs), train"] == "no mIoU: the train split has no masks"
+    assert units["Stage 2 trained on ground truth (upper bound), val"] == "no mIoU: the train split has no masks"
+    assert units["Stage 2 trained on fine seeds, val"] == "mIoU (%)"
+    assert table.loc["Stage 2 trained on fine seeds, val", "value"] == 50.0
+    assert table.loc["Coarse seeds: pixels painted foreground, train (no masks)", "value"] == 25.0
+    assert "Fine seeds: pixels painted foreground, train (no masks)" not in table.index  # not recorded
+    assert np.isnan(table.loc["Coarse seeds (SAMS on cls CAMs), train", "value"])
