@@ -11,12 +11,10 @@ study's (reports/toy/results), which read the same images losslessly (PNG) with 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import yaml
 

@@ -300,7 +300,6 @@ def evaluate_segmenter_crf_options(params, model_dir: str | os.PathLike, split: 
     first = load_segmenter(params, model_dir, device, scales=scales, flip=flip, crf=crf_options[0])
     segmenters = [first] + [Segmenter(first.model, first.input_format, first.scales, first.flip,
                                       _crf_settings(params, c)) for c in crf_options[1:]]
-    weights = model_dir / "model_final.pth"
     names = class_names_with_background(params)
     caches = [eval_cache(params, model_dir, split, label_dir, s.scales, s.flip, s.crf) for s in segmenters]
     results: list[dict | None] = [None] * len(segmenters)

@@ -51,7 +51,7 @@ def seed_diagnostics(dataset, folders: dict[str, Path]) -> pd.DataFrame:
     for i in range(len(dataset)):
         tags[np.asarray(dataset.image_labels(i), int)] += 1
     rows = []
-    for seeds, folder in folders.items():
+    for set_name, folder in folders.items():
         pixels, shown, empty = np.zeros(len(names), np.int64), np.zeros(len(names), np.int64), 0
         for i, image_id in enumerate(dataset.ids):
             counts = np.bincount(read_label_png(folder / f"{image_id}.png").ravel(), minlength=256)[:len(names)]
@@ -61,7 +61,7 @@ def seed_diagnostics(dataset, folders: dict[str, Path]) -> pd.DataFrame:
             empty += len(labels) > 0 and not counts[1:].any()
         fg = max(int(pixels[1:].sum()), 1)
         for c, name in enumerate(names):
-            rows.append({"seeds": seeds, "class": name,
+            rows.append({"seeds": set_name, "class": name,
                          "tag_share": np.nan if c == 0 else tags[c] / max(int(tags[1:].sum()), 1),
                          "pixel_share": pixels[0] / max(int(pixels.sum()), 1) if c == 0 else pixels[c] / fg,
                          "shown": empty / max(len(dataset), 1) if c == 0 else shown[c] / max(int(tags[c]), 1)})
