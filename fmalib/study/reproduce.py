@@ -124,16 +124,14 @@ def run_notebooks(params_path: str | os.PathLike, out_dir: str | os.PathLike | N
     upstream = stable_hash({"params": params_file.read_text(), "nb_params": nb_params, "code": package_digest()})
     paths = notebooks if notebooks is not None else notebook_paths()
     last = _reference_seconds(out)
-    for nb in paths:  # this checkout's own last timing of a notebook beats the reference's
-        stamp = stamps / f"{nb.stem}.json"
-        if stamp.is_file():
-            last[nb.name] = json.loads(stamp.read_text())["seconds"]
     plan = []  # (notebook, key, reused): every key is known before anything runs, so the ETA skips reused ones
     for nb in paths:
         key = stable_hash({"upstream": upstream, "source": _notebook_source(nb)})
         upstream = key
         stamp, target = stamps / f"{nb.stem}.json", out / nb.name
         mine = json.loads(stamp.read_text()) if stamp.is_file() else {}
+        if mine:  # this checkout's own last timing of a notebook beats the reference's
+            last[nb.name] = mine["seconds"]
         reuse = not force and mine.get("key") == key and target.is_file() and mine.get("sha256") == _sha256(target)
         plan.append((nb, key, mine if reuse else None))
     records = []
