@@ -10,6 +10,7 @@ The seg prompts are trained on CAM-argmax seeds of the cls CAMs by default (``--
 method's SAMS coarse seeds). Numbers mean something only with the pretrained tiny CLIP (assets/tiny_clip.pt).
     python bench/prompts.py [--params params/toy.yaml] [--fast] [--seeds cam_argmax|sams] [--vitb16 3]
     python bench/prompts.py --speed-only   # step timings only, merged into the JSON
+    python bench/prompts.py --profile-only [--vitb16 3]   # where an iteration's time goes, merged
 Writes reports/bench/prompts.json (reports/bench/prompts-fast.json with --fast).
 """
 from __future__ import annotations
@@ -81,6 +82,70 @@ def vitb16_speed(stage: str, iters: int, device: str) -> dict:
     return step_speed(params, load_clip("ViT-B-16", None, torch.device(device)), stage, iters, 224, 20)
 
 
+def _median_s(fn, n: int) -> float:
+    """Median seconds of ``n`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def profile_step(params, model, size: int, n_classes: int, n: int, dataset=None, seeds_dir=None) -> dict:
+    """Where one prompt-training iteration's time goes (median s of ``n``): the frozen image tower (no grad),
+    the prompts' text tower forward + backward, the whole loss forward + backward of each stage (tower
+    included), and, given a dataset, assembling one augmented batch (``TrainSet``, as ``num_workers: 0``)."""
+    from fmalib.models import clip as C
+    from fmalib.stages.prompt_data import TrainSet
+
+    dev = next(model.parameters()).device
+    b = int(params["prompts"]["batch_size"])
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(b, 3, size, size, generator=g).to(dev)
+    present = torch.zeros(b, n_classes, dtype=torch.bool)
+    present[torch.arange(b), torch.randint(0, n_classes, (b,), generator=g)] = True
+    present[torch.arange(b // 2), torch.randint(0, n_classes, (b // 2,), generator=g)] = True
+    seeds = torch.zeros(b, size, size, dtype=torch.long)
+    for i in range(b):  # each present class a band of the crop: about 1.5 (image, class) pairs per image
+        for j, c in enumerate(present[i].nonzero().flatten().tolist()):
+            seeds[i, j * size // 3:(j + 1) * size // 3] = c + 1
+    out: dict = {"batch": b, "size": size, "threads": torch.get_num_threads(), "device": str(dev)}
+    with torch.no_grad():
+        out["image_tower_s"] = _median_s(lambda: C.encode_image_tokens(model, images), n)
+    for stage in ("cls", "seg"):
+        prompts = build_prompts(stage, model, params).to(dev)
+        out[stage] = {"text_fwd_bwd_s": _median_s(lambda: prompts().sum().backward(), n)}
+        loss = (lambda: cls_batch_loss(model, prompts, images, present.to(dev)).backward()) if stage == "cls" else \
+            (lambda: seg_batch_loss(model, prompts, images, present.to(dev), seeds.to(dev)).backward())
+        out[stage]["loss_fwd_bwd_s"] = _median_s(loss, n)
+        if dataset is not None and (stage == "cls" or seeds_dir is not None):
+            mean, std = C.image_normalization(model)
+            data = TrainSet(dataset, params["prompts"], 0, n_classes, seeds_dir if stage == "seg" else None, mean, std)
+            keys = iter(range(10**6))
+            out[stage]["data_batch_s"] = _median_s(
+                lambda: [data[(next(keys), s, s % len(dataset))] for s in range(b)], n)
+    return out
+
+
+def profiles(params, model, args) -> dict:
+    """``profile_step`` on the toy CLIP with the toy's data (and the coarse seeds in its workdir, if made), and
+    with ``--vitb16 N`` on a random-init ViT-B/16 at 224 px (VOC's 20 classes), N timed calls each."""
+    from fmalib.core.params import load_params
+    from fmalib.models.clip import load_clip
+
+    ds = open_dataset(params, params["data"]["train_split"])
+    coarse = sorted(params.resolve_path("workdir").glob("seeds_coarse/*/"))
+    seeds_dir = next((d for d in coarse if all((d / f"{i}.png").is_file() for i in ds.ids)), None)
+    res = {"toy": profile_step(params, model, params["prompts"]["crop_size"], len(ds.class_names), 5, ds, seeds_dir)}
+    if args.vitb16:
+        voc = load_params("params/voc.yaml", {"clip.checkpoint": None, "device": params["device"]})
+        res["vit_b16"] = profile_step(voc, load_clip("ViT-B-16", None, torch.device(params["device"])), 224, 20,
+                                      args.vitb16)
+    return res
+
+
 def speeds(params, model, args) -> dict:
     """Step timings of the toy schedule on 1 and 2 CPU threads (+ ViT-B/16 with ``--vitb16 N``)."""
     n_cls = len(params["classes"]["names"])
@@ -110,6 +175,8 @@ def main() -> None:
     ap.add_argument("--vitb16", type=int, default=0, help="also time N ViT-B/16 iterations per stage")
     ap.add_argument("--device", default=None)
     ap.add_argument("--speed-only", action="store_true", help="only the step timings, merged into the JSON")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="only where an iteration's time goes (tower, text, loss, data), merged into the JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = fmalib.study.setup(args.params, fast=args.fast, device=args.device)
@@ -118,6 +185,12 @@ def main() -> None:
         log.warning("no pretrained CLIP (%s): the quality numbers below are meaningless", params["clip"]["checkpoint"])
     model = load_clip_from_params(params)
     out = repo_root() / "reports" / "bench" / ("prompts-fast.json" if args.fast else "prompts.json")
+    if args.profile_only:
+        res = json.loads(out.read_text()) if out.is_file() else {}
+        res["profile"] = profiles(params, model, args)
+        atomic_write_text(out, json.dumps(res, indent=1, default=float))
+        print(json.dumps(res["profile"], indent=1))
+        return
     if args.speed_only:
         res = json.loads(out.read_text()) if out.is_file() else {}
         res.update(speeds(params, model, args))
