@@ -1,7 +1,9 @@
-"""Datasets: the embedded synthetic benchmark, PASCAL VOC 2012 (+SBD), COCO 2014 — one item format.
+"""Datasets: the embedded synthetic benchmark, PASCAL VOC 2012 (+SBD), COCO 2014, photos with tags only — one
+item format.
 
 ``ds[i] -> {"id": str, "image": uint8 (H, W, 3), "labels": int64 fg ids (1..C), "gt": uint8 (H, W) or None}``;
-``ds.ids``, ``ds.class_names`` (fg only, id = index + 1), ``len(ds)``.
+``ds.ids``, ``ds.class_names`` (fg only, id = index + 1), ``ds.has_masks`` (False: ``gt`` is None, no mIoU),
+``len(ds)``.
 """
 from __future__ import annotations
 
