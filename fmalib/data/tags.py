@@ -29,7 +29,7 @@ import numpy as np
 
 from ..core.errors import FmalibError
 from ..core.label_ids import IGNORE
-from .check import Problem
+from .check import Problem, problems_error
 from .labels import read_label_png
 from .voc import read_image
 
@@ -258,13 +258,9 @@ class TagsDataset:
                                                               f"{unlisted[0].name})", error=False))
         if not self.ids and not any(p.error for p in self.problems):
             self.problems.append(Problem(str(self.ann_file or self.image_dir), "no tagged image"))
-        if strict:
-            errors = [p for p in self.problems if p.error]
-            if errors:
-                lines = [f"  {p}" for p in errors[:20]] + ([f"  ... and {len(errors) - 20} more"]
-                                                           if len(errors) > 20 else [])
-                raise FmalibError(f"tags split {split!r} ({self.ann_file or self.image_dir}): {len(errors)} "
-                                  f"problem(s):\n" + "\n".join(lines))
+        error = problems_error(self.problems, f"tags split {split!r} ({self.ann_file or self.image_dir})")
+        if strict and error is not None:
+            raise error
 
     @property
     def has_masks(self) -> bool:
