@@ -108,14 +108,8 @@ def check_split(ds, min_side: int = 16, progress: bool = False) -> list[Problem]
     whose tag problems come first), in item order; errors and notes (``Problem.error``)."""
     out: list[Problem] = []
     num_classes = len(ds.class_names)
-    if hasattr(ds, "data_folders"):
-        folders = ds.data_folders()
-    elif hasattr(ds, "gt_path"):
-        folders = [ds.root / "JPEGImages", *(ds.root / d for d in getattr(ds, "_mask_dirs", ()))]
-    else:
-        folders = [getattr(ds, "image_dir", ds.root)]
     out += list(getattr(ds, "problems", []))  # a tags split's own (unknown classes, missing images, ...)
-    for folder in (f for f in folders if Path(f).is_dir()):
+    for folder in (f for f in ds.data_folders() if Path(f).is_dir()):
         out += [Problem(str(p), "hidden or temporary file (left by an interrupted copy or write?): not read, not "
                                 "part of any fingerprint; delete it", error=False) for p in stray_files(folder)]
     for i in tqdm(range(len(ds)), desc=f"checking {getattr(ds, 'split', '')}", disable=not progress):
@@ -127,7 +121,7 @@ def check_split(ds, min_side: int = 16, progress: bool = False) -> list[Problem]
         else:
             size, problems = check_image(path, min_side)
             out += problems
-        if hasattr(ds, "gt_path") and getattr(ds, "has_masks", True):  # a label PNG per image
+        if hasattr(ds, "gt_path") and ds.has_masks:  # a label PNG per image
             try:
                 gt_path = ds.gt_path(i)
             except FmalibError as exc:

@@ -73,6 +73,10 @@ class COCODataset:
 
     has_masks = True  # instance masks, painted into semantic maps
 
+    def data_folders(self) -> list[Path]:
+        """The folders this split reads: its images (the annotations are one file)."""
+        return [self.image_dir]
+
     def __len__(self) -> int:
         return len(self.ids)
 

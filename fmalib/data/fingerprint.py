@@ -17,7 +17,7 @@ def split_files(ds, labels: bool = True) -> list[tuple[str, Path]]:
     files = []
     for i, image_id in enumerate(ds.ids):
         files.append((f"image/{image_id}", ds.image_path(i)))
-        if labels and hasattr(ds, "gt_path") and getattr(ds, "has_masks", True):
+        if labels and hasattr(ds, "gt_path") and ds.has_masks:
             try:
                 files.append((f"label/{image_id}", ds.gt_path(i)))
             except FmalibError:  # no mask for this id: fingerprinted as missing

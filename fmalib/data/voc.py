@@ -175,6 +175,10 @@ class VOCDataset:
 
     has_masks = True  # the layout's masks are its labels
 
+    def data_folders(self) -> list[Path]:
+        """The folders this split reads: images and the mask folders."""
+        return [self.root / "JPEGImages", *(self.root / d for d in self._mask_dirs)]
+
     def __len__(self) -> int:
         return len(self.ids)
 
