@@ -79,6 +79,11 @@ def _relabel(semantic: np.ndarray, table: dict[int, int]) -> np.ndarray:
     return out
 
 
+def _class_ids(stand_ins: bool) -> dict[int, int]:
+    """Generator class id -> the written masks' id: its VOC stand-in's (``VOC_STAND_INS``) or its own."""
+    return {i + 1: VOC_CLASSES.index(VOC_STAND_INS[n]) + 1 if stand_ins else i + 1 for i, n in enumerate(CLASS_NAMES)}
+
+
 def write_voc_layout(root: str | os.PathLike, n_train: int = 6, n_val: int = 3, seed: int = 0,
                      size_range: tuple[int, int] = (96, 120), stand_ins: bool = True) -> Path:
     """A VOCdevkit/VOC2012-layout folder: JPEGImages/*.jpg, SegmentationClass/*.png (palette; train + val),
@@ -89,8 +94,7 @@ def write_voc_layout(root: str | os.PathLike, n_train: int = 6, n_val: int = 3, 
     root = Path(root)
     for sub in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    table = {i + 1: (VOC_CLASSES.index(VOC_STAND_INS[n]) + 1 if stand_ins else i + 1)
-             for i, n in enumerate(CLASS_NAMES)}
+    table = _class_ids(stand_ins)
     lists: dict[str, list[str]] = {"train": [], "val": []}
     for split, n, start, year in (("train", n_train, 0, 2008), ("val", n_val, 100_000, 2007)):
         for k, s in _samples(n, seed, size_range, start):
@@ -172,7 +176,7 @@ def write_tags_layout(root: str | os.PathLike, n_train: int = 6, n_val: int = 3,
     ``stand_ins`` VOC's (``VOC_STAND_INS``; masks in VOC's ids, for params/voc.yaml's class list)."""
     root = Path(root)
     tag = {i + 1: VOC_STAND_INS[n] if stand_ins else n for i, n in enumerate(CLASS_NAMES)}
-    table = {i + 1: VOC_CLASSES.index(tag[i + 1]) + 1 if stand_ins else i + 1 for i in range(len(CLASS_NAMES))}
+    table = _class_ids(stand_ins)
     for split, n, start, year in (("train", n_train, 0, 2008), ("val", n_val, 100_000, 2007)):
         (root / split).mkdir(parents=True, exist_ok=True)
         rows = []
